@@ -1,0 +1,24 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -- creates .venv if needed, prepares real text, trains a tiny MD4 through launcher/submit.py
+#   make test   -- creates .venv if needed, runs the test suite (what .ci/run calls)
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TIKTOKEN_CACHE_DIR :=
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: env demo test bench
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: env
+	bash launcher/demo.sh
+
+test: env
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)

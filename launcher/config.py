@@ -1,0 +1,314 @@
+"""Typed run configuration: YAML file + `key.sub=value` overrides, validated before anything launches.
+
+Every section is a dataclass; unknown keys, bad types and values that the stack cannot run are errors
+that name the key (and the file). `load_config(path, overrides)` is the single entry point.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the file and the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"          # run directory = output_dir/name
+    seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    ffn_hidden_size: Optional[int] = None   # default 4 * hidden_size
+    seq_len: int = 128
+    vocab_size: int = 50257                 # real tokens V; the mask id is V
+    dropout: float = 0.0
+    position_embedding: Literal["rope", "learned"] = "rope"
+    time_conditioning: Literal["none"] = "none"
+    init_std: float = 0.02
+    zero_init_output: bool = True
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass
+class DiffusionConfig:
+    kind: Literal["md4"] = "md4"
+    schedule: Literal["linear", "polynomial", "cosine", "geometric"] = "linear"
+    eps: float = 1e-4
+    poly_exponent: float = 1.0
+    geometric_bmin: float = 1e-5
+    geometric_bmax: float = 20.0
+    antithetic: bool = True
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                 # prepared data root (manifest.json, train/, val/)
+    tokenizer: str = "gpt2"
+    num_workers: int = 1
+    shuffle: bool = True
+    val_split: str = "val"
+    train_split: str = "train"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.03
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    train_steps: int = 1000
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    zero_stage: int = 1
+    precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast where the device supports it
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 0          # 0 = the whole held-out split
+    eval_draws: int = 1            # K draws of t per held-out sequence
+    sample_at_end: bool = True
+    sample_steps: int = 128
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # ----- derived quantities -------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        return self.optim.global_batch_size // (self.optim.micro_batch_size * dp)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a typed Config from plain dicts
+# ---------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{source}: {key} = {value!r} is not one of {list(choices)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} = {value!r} must be a bool (true/false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} = {value!r} must be an int")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} = {value!r} must be a float")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} = {value!r} must be a string")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'top level'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + ('.' if prefix else '') + u for u in unknown)} "
+                          f"in {where}; known keys: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name] or {}, key, source)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, key, source)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': cannot parse value: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+            node[p] = dict(child)
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    cfg = _build(Config, data or {}, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    source = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{path} (with overrides {' '.join(overrides)})"
+    return config_from_dict(data, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic validation: values that type-check but cannot run
+# ---------------------------------------------------------------------------------------------
+
+def _require(cond: bool, source: str, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{source}: {key}: {msg}")
+
+
+def validate(cfg: Config, source: str = "<config>", world_size: int | None = None) -> None:
+    m, d, o, p = cfg.model, cfg.diffusion, cfg.optim, cfg.parallel
+    for key, val in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                     ("model.num_attention_heads", m.num_attention_heads), ("model.seq_len", m.seq_len),
+                     ("model.vocab_size", m.vocab_size), ("optim.train_steps", o.train_steps),
+                     ("optim.micro_batch_size", o.micro_batch_size),
+                     ("optim.global_batch_size", o.global_batch_size),
+                     ("parallel.tensor_parallel", p.tensor_parallel),
+                     ("parallel.pipeline_parallel", p.pipeline_parallel),
+                     ("checkpoint.interval", cfg.checkpoint.interval),
+                     ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+                     ("logging.log_interval", cfg.logging.log_interval),
+                     ("logging.eval_interval", cfg.logging.eval_interval),
+                     ("logging.eval_draws", cfg.logging.eval_draws),
+                     ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by)]:
+        _require(val >= 1, source, key, f"must be >= 1, got {val}")
+    _require(m.hidden_size % m.num_attention_heads == 0, source, "model.hidden_size",
+             f"{m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    _require(0.0 <= m.dropout < 1.0, source, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _require(0.0 < d.eps < 0.5, source, "diffusion.eps", f"must be in (0, 0.5), got {d.eps}")
+    _require(d.poly_exponent > 0, source, "diffusion.poly_exponent", "must be > 0")
+    _require(0 < d.geometric_bmin < d.geometric_bmax, source, "diffusion.geometric_bmin",
+             "need 0 < geometric_bmin < geometric_bmax")
+    _require(o.lr > 0 and math.isfinite(o.lr), source, "optim.lr", f"must be a positive number, got {o.lr}")
+    _require(0 <= o.min_lr_ratio <= 1, source, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, source, "optim.beta1/beta2", "must be in [0, 1)")
+    _require(o.warmup_steps >= 0, source, "optim.warmup_steps", "must be >= 0")
+    _require(o.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _require(o.global_batch_size % o.micro_batch_size == 0, source, "optim.global_batch_size",
+             f"{o.global_batch_size} is not a multiple of optim.micro_batch_size={o.micro_batch_size}")
+    _require(p.zero_stage in (0, 1, 2, 3), source, "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
+    _require(m.num_attention_heads % p.tensor_parallel == 0, source, "parallel.tensor_parallel",
+             f"model.num_attention_heads={m.num_attention_heads} is not divisible by tensor_parallel={p.tensor_parallel}")
+    _require(m.num_layers % p.pipeline_parallel == 0, source, "parallel.pipeline_parallel",
+             f"model.num_layers={m.num_layers} is not divisible by pipeline_parallel={p.pipeline_parallel}")
+    _require(p.pipeline_parallel == 1, source, "parallel.pipeline_parallel",
+             "pipeline parallelism is not wired into the training engine yet; use 1")
+    _require(p.zero_stage in (0, 1, 2), source, "parallel.zero_stage",
+             "ZeRO stage 3 is not supported with megatron-core tensor-parallel layers; use 0, 1 or 2")
+    _require(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
+    _require(cfg.logging.eval_batches >= 0, source, "logging.eval_batches", "must be >= 0")
+    if world_size is not None:
+        validate_world(cfg, world_size, source)
+
+
+def validate_world(cfg: Config, world_size: int, source: str = "<config>") -> None:
+    p, o = cfg.parallel, cfg.optim
+    mp = p.tensor_parallel * p.pipeline_parallel
+    _require(world_size % mp == 0, source, "parallel",
+             f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = {mp}")
+    dp = world_size // mp
+    _require(o.global_batch_size % (o.micro_batch_size * dp) == 0, source, "optim.global_batch_size",
+             f"{o.global_batch_size} is not divisible by micro_batch_size x data_parallel = "
+             f"{o.micro_batch_size} x {dp}")
