@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +45,24 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    kind: Literal["md4"] = "md4"
+    kind: Literal["md4", "genmd4", "prime"] = "md4"
     schedule: Literal["linear", "polynomial", "cosine", "geometric"] = "linear"
     eps: float = 1e-4
     poly_exponent: float = 1.0
     geometric_bmin: float = 1e-5
     geometric_bmax: float = 20.0
     antithetic: bool = True
+    prime_l: int = 2                 # Prime: sub-tokens per token (base b = ceil(V^(1/l)))
+    genmd4_t1: float = 1e-3          # GenMD4: t sampled in [t1, 1], reconstruction term at t1
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = 128
+    grid: Literal["cosine", "uniform"] = "cosine"
+    top_p: Optional[float] = None    # None = no nucleus filtering (MD4 uses 0.98)
+    temperature: float = 1.0
+    use_cache: bool = True           # reuse the network output while no token changed (no time conditioning)
 
 
 @dataclass
@@ -112,6 +124,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
     # ----- derived quantities -------------------------------------------------------------
     @property
@@ -132,6 +145,9 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Building a typed Config from plain dicts
 # ---------------------------------------------------------------------------------------------
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
@@ -160,6 +176,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key} = {value!r} must be an int")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            value = float(value)    # YAML 1.1 reads 3e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} = {value!r} must be a float")
         return float(value)
@@ -281,6 +299,15 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _require(d.poly_exponent > 0, source, "diffusion.poly_exponent", "must be > 0")
     _require(0 < d.geometric_bmin < d.geometric_bmax, source, "diffusion.geometric_bmin",
              "need 0 < geometric_bmin < geometric_bmax")
+    _require(d.prime_l >= 1, source, "diffusion.prime_l", f"must be >= 1, got {d.prime_l}")
+    _require(d.kind != "prime" or m.hidden_size % d.prime_l == 0, source, "diffusion.prime_l",
+             f"model.hidden_size={m.hidden_size} is not divisible by prime_l={d.prime_l} (sub-embeddings are concatenated)")
+    _require(0.0 < d.genmd4_t1 < 1.0, source, "diffusion.genmd4_t1", f"must be in (0, 1), got {d.genmd4_t1}")
+    sp = cfg.sampler
+    _require(sp.steps >= 1, source, "sampler.steps", f"must be >= 1, got {sp.steps}")
+    _require(sp.top_p is None or 0.0 < sp.top_p <= 1.0, source, "sampler.top_p", f"must be in (0, 1] or null, got {sp.top_p}")
+    _require(sp.temperature > 0 and math.isfinite(sp.temperature), source, "sampler.temperature",
+             f"must be a positive number, got {sp.temperature}")
     _require(o.lr > 0 and math.isfinite(o.lr), source, "optim.lr", f"must be a positive number, got {o.lr}")
     _require(0 <= o.min_lr_ratio <= 1, source, "optim.min_lr_ratio", "must be in [0, 1]")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, source, "optim.beta1/beta2", "must be in [0, 1)")

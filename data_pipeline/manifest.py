@@ -1,0 +1,80 @@
+"""manifest.json of a prepared data folder, and the checks the trainer runs before using it.
+
+manifest.json (written by data_pipeline.prepare), keys:
+    format_version, tokenizer ("gpt2"), vocab_size (50257), eos_id (50256), seq_len, dtype ("uint16"),
+    column ("tokens"), source, documents,
+    split: {seed, val_fraction, method},
+    splits: {train|val: {documents, tokens_total, rows, tokens, dropped_tokens,
+                         files: [{path (relative to the data folder), bytes, sha256}]}}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+UNIGRAM_NAME = "unigram_counts.npy"
+FORMAT_VERSION = 1
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """Read DIR/manifest.json; ValueError naming the file when it is missing or unreadable."""
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(f"{path}: manifest missing; is {data_dir} a folder written by "
+                         "`python -m data_pipeline.prepare`?")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable manifest ({e})") from e
+    for key in ("format_version", "tokenizer", "vocab_size", "eos_id", "seq_len", "splits"):
+        if key not in m:
+            raise ValueError(f"{path}: manifest lacks key {key!r}")
+    if m["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {m['format_version']} is not the supported {FORMAT_VERSION}")
+    return m
+
+
+def check_manifest(data_dir: str | Path, *, tokenizer: str | None = None, seq_len: int | None = None,
+                   vocab_size: int | None = None, splits: tuple[str, ...] | None = None,
+                   verify_sha256: bool = False) -> dict[str, Any]:
+    """Check that the prepared data fits the run and that its files are intact; return the manifest.
+
+    Each ValueError names the manifest file and the key: tokenizer, seq_len, vocab_size mismatches;
+    a missing split; a missing shard or one of the wrong size (always checked, cheap); a shard whose
+    sha256 differs (only with verify_sha256=True: reads every byte).
+    """
+    data_dir = Path(data_dir)
+    m = load_manifest(data_dir)
+    path = data_dir / MANIFEST_NAME
+    for key, want in (("tokenizer", tokenizer), ("seq_len", seq_len), ("vocab_size", vocab_size)):
+        if want is not None and m[key] != want:
+            raise ValueError(f"{path}: {key} mismatch: data has {key}={m[key]!r}, the run wants {want!r} "
+                             "(re-run data_pipeline.prepare or change the config)")
+    for split in (splits if splits is not None else tuple(m["splits"])):
+        if split not in m["splits"]:
+            raise ValueError(f"{path}: splits.{split} missing (has {sorted(m['splits'])})")
+        for f in m["splits"][split]["files"]:
+            fp = data_dir / f["path"]
+            if not fp.is_file():
+                raise ValueError(f"{path}: splits.{split}.files: missing shard {fp}")
+            size = fp.stat().st_size
+            if size != f["bytes"]:
+                raise ValueError(f"{path}: splits.{split}.files: shard {fp} has {size} bytes, "
+                                 f"manifest says {f['bytes']} (corrupt or replaced)")
+            if verify_sha256:
+                digest = file_sha256(fp)
+                if digest != f["sha256"]:
+                    raise ValueError(f"{path}: splits.{split}.files: sha256 of shard {fp} is {digest}, "
+                                     f"manifest says {f['sha256']} (corrupt)")
+    return m

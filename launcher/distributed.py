@@ -1,0 +1,139 @@
+"""torch.distributed + megatron parallel state, initialised from the submitit / SLURM environment.
+
+The one place where the process layout is decided: world -> (tensor, pipeline, data) groups.
+gloo on CPU, NCCL on GPU. DeepSpeed gets an `mpu` that answers from megatron's parallel_state.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def export_env_from_launcher() -> None:
+    """Set MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from submitit (SLURM or local executor).
+
+    Does nothing when they are already set (torchrun, tests using mp.spawn).
+    """
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
+                     timeout_minutes: int = 30) -> DistInfo:
+    """Initialise the default process group and megatron's model-parallel groups."""
+    from megatron.core import parallel_state, tensor_parallel as mtp
+
+    from launcher import megatron_cpu
+
+    use_cuda = torch.cuda.is_available()
+    export_env_from_launcher()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        # Fail loudly instead of hanging forever on a dead peer; async error handling lets the
+        # watchdog tear the job down so SLURM can requeue it.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    else:
+        device = torch.device("cpu")
+        megatron_cpu.apply()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
+                                rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    if world % (tensor_parallel * pipeline_parallel) != 0:
+        raise ValueError(f"world size {world} is not divisible by tensor_parallel x pipeline_parallel = "
+                         f"{tensor_parallel} x {pipeline_parallel}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                                 pipeline_model_parallel_size=pipeline_parallel)
+    # Same base seed on every rank; megatron offsets the tensor-parallel RNG per TP rank.
+    torch.manual_seed(seed)
+    mtp.model_parallel_cuda_manual_seed(seed)
+    return DistInfo(
+        rank=rank, world_size=world, local_rank=local_rank,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        device=device,
+    )
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """The `mpu` interface DeepSpeed asks for, answered by megatron's parallel_state."""
+
+    def __init__(self):
+        from megatron.core import parallel_state
+
+        self._ps = parallel_state
+
+    def get_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_data_parallel_rank(self):
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self):
+        return self._ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self._ps.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_group(self):
+        return self._ps.get_pipeline_model_parallel_group()
+
+    # names used by DeepSpeed's grad-norm code
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Submit a training run: validate the config, prepare a self-contained run directory, launch.
+
+    python launcher/submit.py --local 2 configs/md4_tiny.yaml                 # this machine, 2 processes
+    python launcher/submit.py --nodes 16 configs/md4_medium.yaml              # SLURM, 8 GPUs per node
+    python launcher/submit.py --nodes 16 --dry-run configs/md4_medium.yaml optim.lr=2e-4
+
+The run directory (<run.output_dir>/<run.name>) holds the resolved config, a snapshot of the code that
+was submitted (a requeued job runs that code even if the checkout moved on), the code version, the
+submitit logs, checkpoints and TensorBoard logs. Submitting the same command again resumes from the
+newest verified checkpoint in that directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python launcher/submit.py` puts launcher/ first, not the repo root
+    sys.path.insert(0, str(REPO))
+
+from launcher.config import ConfigError, load_config, save_config, validate_world  # noqa: E402
+
+CODE_DIRS = ("launcher", "model", "data_pipeline", "configs", "cluster")
+# Sections that must not change when a run directory is resumed (they define the model and its loss).
+FROZEN_SECTIONS = ("model", "diffusion")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config under configs/")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", type=int, metavar="N", help="run N processes on this machine (submitit local)")
+    where.add_argument("--nodes", type=int, help="SLURM nodes")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs (= tasks) per node (default 8)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--time", type=int, default=None, help="time limit in minutes")
+    p.add_argument("--constraint")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config; submit nothing")
+    p.add_argument("--no-wait", action="store_true", help="return after submission (default for SLURM)")
+    return p.parse_args(argv)
+
+
+def code_version() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def snapshot_code(run_dir: Path) -> Path:
+    dest = run_dir / "code"
+    tmp = run_dir / "code.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for d in CODE_DIRS:
+        if (REPO / d).is_dir():
+            shutil.copytree(REPO / d, tmp / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    (run_dir / "code_version.txt").write_text(code_version() + "\n")
+    return dest
+
+
+def prepare_run_dir(cfg, config_path: str) -> Path:
+    import yaml
+
+    run_dir = cfg.run_dir.resolve()
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text())
+        new = cfg.to_dict()
+        changed = [s for s in FROZEN_SECTIONS if old.get(s) != new.get(s)]
+        if changed:
+            raise ConfigError(f"{config_path}: run directory {run_dir} already holds a run whose "
+                              f"{', '.join(changed)} section(s) differ; choose another run.name to start a new run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+    return run_dir
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.local is not None:
+            world = args.local
+        else:
+            gpus = args.gpus_per_node if args.gpus_per_node is not None else 8
+            world = (args.nodes or 1) * gpus
+        validate_world(cfg, world, args.config)
+        data = Path(cfg.data.path)
+        if not args.dry_run and not (data / "manifest.json").is_file():
+            raise ConfigError(f"{args.config}: data.path = {cfg.data.path!r} has no manifest.json; "
+                              f"prepare it with `python -m data_pipeline.prepare --out {cfg.data.path} ...`")
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    import submitit
+    import yaml
+
+    if args.dry_run:
+        print("# resolved config")
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if args.local is None:
+            from launcher.slurm import sbatch_script
+
+            print("# sbatch script")
+            print(sbatch_script(cfg, args))
+        else:
+            print(f"# local run: {args.local} processes through submitit's LocalExecutor")
+        return 0
+
+    run_dir = prepare_run_dir(cfg, args.config)
+    code = snapshot_code(run_dir)
+    # the job imports the snapshot, not the checkout
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(code)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
+    from launcher.train import TrainJob
+
+    if args.local is not None:
+        executor = submitit.LocalExecutor(folder=str(run_dir / "submitit"))
+        executor.update_parameters(tasks_per_node=args.local, nodes=1, timeout_min=args.time or 24 * 60,
+                                   gpus_per_node=0)
+    else:
+        from launcher.slurm import slurm_executor
+
+        executor = slurm_executor(cfg, args, run_dir)
+    job = executor.submit(TrainJob(str(run_dir)))
+    print(f"submitted job {job.job_id}; run directory {run_dir}", flush=True)
+    print(f"watch it: tensorboard --logdir {run_dir / 'tensorboard'} --host 127.0.0.1", flush=True)
+    if args.no_wait or (args.local is None):
+        return 0
+    try:
+        results = job.results()
+    except Exception as e:  # submitit re-raises the task's exception with its traceback
+        print(f"job {job.job_id} failed: {e}", file=sys.stderr)
+        print(f"logs: {run_dir / 'submitit'}", file=sys.stderr)
+        return 1
+    result = next((r for r in results if r is not None), None)
+    print_result(result)
+    return 0
+
+
+def print_result(result: dict | None) -> None:
+    if not result:
+        print("the job returned no result")
+        return
+    val = result["heldout"]
+    print()
+    print(f"held-out bits/token      : {val['bits_per_token']:.4f} (+- {val['stderr_bits_per_token']:.4f}, "
+          f"{val['tokens']} tokens, K={val['eval_draws']})")
+    print(f"held-out perplexity bound: {val['ppl_bound']:.2f}")
+    if "unigram_ppl" in result:
+        print(f"unigram perplexity       : {result['unigram_ppl']:.2f} (add-one unigram fit on train, same held-out rows)")
+    if "sample" in result:
+        calls = result.get("sample_network_calls")
+        print(f"sample ({calls} network calls):")
+        print("-" * 72)
+        print(result["sample"])
+        print("-" * 72)
+    print(json.dumps({k: v for k, v in result.items() if k != "sample"}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""The training task every rank runs: megatron-core denoiser, DeepSpeed ZeRO, MD4 loss, streamed shards.
+
+`TrainJob` is what launcher/submit.py hands to submitit (local executor or SLURM). Each rank:
+  1. initialises torch.distributed + megatron parallel state from the launcher's environment,
+  2. checks the data manifest against the config (before any training work),
+  3. builds the denoiser, AdamW, warmup+cosine LR, and wraps them in a DeepSpeed engine,
+  4. resumes from the newest verified checkpoint in the run directory if there is one,
+  5. trains, evaluates the held-out bound, logs to TensorBoard, checkpoints, and finally samples.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from launcher.config import Config, load_config, validate_world
+from model.diffusion import antithetic_times, continuous_loss_from_nll, corrupt, make_schedule
+
+LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise that depends only on (seed, step, global sample index): the loss is the same function of
+# the data whatever the parallel layout.
+# ---------------------------------------------------------------------------------------------
+
+def _mix(*parts: int) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(int(p).to_bytes(8, "little", signed=True))
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def step_noise(seed: int, step: int, sample_ids: list[int], global_batch: int, seq_len: int,
+               antithetic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [B] and uniform noise [B, N] for the given global sample indices of one optimizer step."""
+    g = torch.Generator().manual_seed(_mix(seed, step, -1))
+    u = torch.rand((), generator=g, dtype=torch.float64)
+    idx = torch.tensor(sample_ids)
+    if antithetic:
+        t = antithetic_times(u, idx, global_batch)
+    else:
+        t = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(_mix(seed, step, i, -2)),
+                                    dtype=torch.float64) for i in sample_ids])
+    noise = torch.stack([torch.rand(seq_len, generator=torch.Generator().manual_seed(_mix(seed, step, i)),
+                                    dtype=torch.float64) for i in sample_ids])
+    return t, noise
+
+
+def row_noise(rows: torch.Tensor, draw: int, num_draws: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out noise keyed by each row's content: evaluation is identical under any layout/order.
+    The K draws of one row use antithetic times (u + k/K) mod 1."""
+    ts, noises = [], []
+    for row in rows:
+        digest = hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=8, key=seed.to_bytes(8, "little")).digest()
+        base = int.from_bytes(digest, "little") & ((1 << 62) - 1)
+        u = torch.rand((), generator=torch.Generator().manual_seed(base), dtype=torch.float64)
+        ts.append(torch.remainder(u + draw / num_draws, 1.0))
+        noises.append(torch.rand(row.numel(), generator=torch.Generator().manual_seed(base + 1 + draw),
+                                 dtype=torch.float64))
+    return torch.stack(ts), torch.stack(noises)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def lr_lambda(cfg: Config):
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if o.warmup_steps > 0 and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.lr_schedule == "constant":
+            return 1.0
+        span = max(1, o.train_steps - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def autocast_ctx(cfg: Config, device: torch.device):
+    if cfg.parallel.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    o, p = cfg.optim, cfg.parallel
+    gas = o.global_batch_size // (o.micro_batch_size * dp_size)
+    return {
+        "train_batch_size": o.global_batch_size,
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        # bf16 is applied by torch.autocast over fp32 master weights (fp32 loss reductions)
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    if torch.cuda.is_available():
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+
+    # ----- setup ------------------------------------------------------------------------------
+    def setup(self):
+        import deepspeed
+        from data_pipeline.loader import build_eval_loader, build_train_loader
+        from data_pipeline.manifest import check_manifest
+        from launcher.distributed import MegatronMPU, init_distributed
+        from model.denoiser import build_denoiser
+
+        cfg = self.cfg
+        self.info = info = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
+                                            seed=cfg.run.seed)
+        if not torch.cuda.is_available():
+            # one share of the cores per local process: oversubscribed BLAS threads thrash on CPU
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+        validate_world(cfg, info.world_size, str(self.run_dir / "config.yaml"))
+        check_manifest(cfg.data.path, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
+                       vocab_size=cfg.model.vocab_size)
+        self.schedule = make_schedule(cfg.diffusion.schedule, eps=cfg.diffusion.eps,
+                                      **self._schedule_params())
+        model = build_denoiser(cfg.model)
+        optimizer = build_optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, info.dp_size), mpu=MegatronMPU(), dist_init_required=False)
+        self.gas = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * info.dp_size)
+        self.train_loader = build_train_loader(cfg.data.path, cfg.data.train_split, cfg.optim.micro_batch_size,
+                                               info.dp_rank, info.dp_size, seed=cfg.run.seed,
+                                               num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle)
+        self._build_eval_loader = lambda: build_eval_loader(cfg.data.path, cfg.data.val_split,
+                                                            cfg.optim.micro_batch_size, info.dp_rank, info.dp_size)
+        self.step = 0
+        self.tokens_seen = 0
+        self.writer = None
+        if info.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self._resume()
+
+    def _schedule_params(self) -> dict:
+        d = self.cfg.diffusion
+        if d.schedule == "polynomial":
+            return {"k": d.poly_exponent}
+        if d.schedule == "geometric":
+            return {"bmin": d.geometric_bmin, "bmax": d.geometric_bmax}
+        return {}
+
+    def _resume(self):
+        from launcher import checkpoint
+
+        tag = checkpoint.find_resumable(self.ckpt_root, self.info.rank)
+        if tag is None:
+            self.log(f"no checkpoint in {self.ckpt_root}: starting from step 0")
+            return
+        client, extra = checkpoint.load(self.engine, self.ckpt_root, tag, self.info.rank)
+        self.step = int(client["step"])
+        self.tokens_seen = int(client["tokens_seen"])
+        self.train_loader.load_state_dict(extra["loader"])
+        checkpoint.set_rng_state(extra["rng"])
+        self.log(f"resumed from {self.ckpt_root / tag} at step {self.step}")
+
+    def save(self):
+        from launcher import checkpoint
+
+        t0 = time.time()
+        checkpoint.save(self.engine, self.ckpt_root, self.step,
+                        client_state={"step": self.step, "tokens_seen": self.tokens_seen},
+                        rank_state={"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state()},
+                        keep_last=self.cfg.checkpoint.keep_last, rank=self.info.rank)
+        self.scalar("time/checkpoint_s", time.time() - t0)
+        self.log(f"saved checkpoint step {self.step} in {time.time() - t0:.1f}s")
+
+    # ----- logging ----------------------------------------------------------------------------
+    def log(self, msg: str):
+        if self.info.is_main:
+            print(f"[step {self.step}] {msg}", flush=True)
+
+    def scalar(self, name: str, value: float):
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, self.step)
+
+    def metrics_line(self, record: dict):
+        if self.info.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ----- one optimizer step -------------------------------------------------------------------
+    def micro_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Per-sequence negative ELBO in nats."""
+        cfg = self.cfg
+        x0 = x0.to(self.info.device)
+        xt, masked = corrupt(x0, t, noise, self.schedule, mask_id=cfg.model.vocab_size)
+        with autocast_ctx(cfg, self.info.device):
+            nll = self.engine(xt, labels=x0, loss_mask=masked)
+        return continuous_loss_from_nll(nll.float(), masked.to(nll.device), t.to(nll.device), self.schedule,
+                                        cfg.model.vocab_size)
+
+    def train_step(self, batches) -> float:
+        cfg, info = self.cfg, self.info
+        mb, n = cfg.optim.micro_batch_size, cfg.model.seq_len
+        total = 0.0
+        for m in range(self.gas):
+            x0 = next(batches)
+            base = (m * info.dp_size + info.dp_rank) * mb
+            t, noise = step_noise(cfg.run.seed, self.step, list(range(base, base + x0.shape[0])),
+                                  cfg.optim.global_batch_size, n, cfg.diffusion.antithetic)
+            per_seq = self.micro_loss(x0, t, noise)
+            loss = per_seq.mean() / n               # nats per token
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+        return total / self.gas
+
+    # ----- held-out bound -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        from megatron.core import parallel_state
+
+        cfg = self.cfg
+        self.engine.eval()
+        n, k_draws = cfg.model.seq_len, cfg.logging.eval_draws
+        sums = torch.zeros(3, dtype=torch.float64)   # [sum of per-row nats, sum of squares, rows]
+        for i, x0 in enumerate(self._build_eval_loader()):
+            if cfg.logging.eval_batches and i >= cfg.logging.eval_batches:
+                break
+            if x0.shape[0] == 0:   # a rank with one row fewer; its tensor/pipeline peers skip it too
+                continue
+            per_row = torch.zeros(x0.shape[0], dtype=torch.float64)
+            for k in range(k_draws):
+                t, noise = row_noise(x0, k, k_draws, cfg.run.seed)
+                per_row += self.micro_loss(x0, t, noise).double().cpu()
+            per_row /= k_draws
+            sums += torch.stack([per_row.sum(), (per_row ** 2).sum(), torch.tensor(float(x0.shape[0]))])
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        self.engine.train()
+        total, sq, rows = sums.tolist()
+        rows = max(rows, 1.0)
+        mean = total / rows
+        var = max(sq / rows - mean ** 2, 0.0)
+        stderr_nats = math.sqrt(var / rows)
+        return {"bits_per_token": mean / (n * LN2), "ppl_bound": math.exp(mean / n),
+                "stderr_bits_per_token": stderr_nats / (n * LN2), "rows": int(rows),
+                "tokens": int(rows) * n, "eval_draws": k_draws}
+
+    # ----- sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_text(self) -> str:
+        from data_pipeline.tokenizer import gpt2_encoding
+        from model.denoiser import gather_logits
+        from model.diffusion.samplers import sample
+
+        cfg = self.cfg
+        self.engine.eval()
+        module = self.engine.module
+
+        def denoiser(ids: torch.Tensor, t=None) -> torch.Tensor:
+            with autocast_ctx(cfg, self.info.device):
+                return gather_logits(module(ids.to(self.info.device))).float()
+
+        g = torch.Generator().manual_seed(cfg.run.seed)
+        tokens, stats = sample(denoiser, batch_size=1, seq_len=cfg.model.seq_len, mask_id=cfg.model.vocab_size,
+                               vocab_size=cfg.model.vocab_size, schedule=self.schedule,
+                               steps=cfg.logging.sample_steps, generator=g)
+        self.engine.train()
+        text = gpt2_encoding().decode(tokens[0].tolist())
+        if self.writer is not None:
+            self.writer.add_text("samples/unconditional", text, self.step)
+        return text, stats
+
+    # ----- the loop ------------------------------------------------------------------------------------
+    def run(self) -> dict | None:
+        cfg, info = self.cfg, self.info
+        batches = iter(self.train_loader)
+        tokens_per_step = cfg.optim.global_batch_size * cfg.model.seq_len
+        t_last, steps_since = time.time(), 0
+        self.log(f"training {cfg.run.name}: world={info.world_size} (tp={info.tp_size} pp={info.pp_size} "
+                 f"dp={info.dp_size}), zero={cfg.parallel.zero_stage}, precision={cfg.parallel.precision}, "
+                 f"grad accumulation={self.gas}, device={info.device}")
+        val = None
+        while self.step < cfg.optim.train_steps:
+            loss = self.train_step(batches)
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            steps_since += 1
+            if self.step % cfg.logging.log_interval == 0 or self.step == cfg.optim.train_steps:
+                dt = time.time() - t_last
+                grad_norm = self.engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                lr = self.scheduler.get_last_lr()[0]
+                rec = {"step": self.step, "train_bits_per_token": loss / LN2, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": steps_since * tokens_per_step / dt, "tokens_seen": self.tokens_seen}
+                self.scalar("train/bits_per_token", rec["train_bits_per_token"])
+                self.scalar("train/lr", lr)
+                self.scalar("train/grad_norm", grad_norm)
+                self.scalar("train/tokens_per_s", rec["tokens_per_s"])
+                self.metrics_line(rec)
+                self.log(f"train {rec['train_bits_per_token']:.3f} bits/token  lr {lr:.2e}  "
+                         f"grad {grad_norm:.2f}  {rec['tokens_per_s']:.0f} tok/s")
+                t_last, steps_since = time.time(), 0
+            if self.step % cfg.logging.eval_interval == 0 or self.step == cfg.optim.train_steps:
+                val = self.evaluate()
+                self.scalar("val/bits_per_token", val["bits_per_token"])
+                self.scalar("val/ppl_bound", val["ppl_bound"])
+                self.metrics_line({"step": self.step, **{f"val_{k}": v for k, v in val.items()}})
+                self.log(f"held-out {val['bits_per_token']:.4f} bits/token, perplexity bound "
+                         f"{val['ppl_bound']:.2f} ({val['rows']} rows, K={val['eval_draws']})")
+            if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.optim.train_steps:
+                self.save()
+        if val is None:
+            val = self.evaluate()
+        result = {"step": self.step, "tokens_seen": self.tokens_seen, "heldout": val}
+        if cfg.logging.sample_at_end:
+            text, stats = self.sample_text()
+            result["sample"] = text
+            result["sample_network_calls"] = stats.get("network_calls") if isinstance(stats, dict) else None
+        if info.is_main:
+            from data_pipeline.loader import unigram_perplexity
+
+            result["unigram_ppl"] = unigram_perplexity(cfg.data.path)
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        if self.writer is not None:
+            self.writer.close()
+        return result if info.is_main else None
+
+
+def train_main(run_dir: str) -> dict | None:
+    """Entry point of one rank; the resolved config is read from the run directory."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    trainer = Trainer(cfg, run_dir)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        from launcher.distributed import destroy_distributed
+
+        destroy_distributed()
+
+
+try:  # submitit is a dependency; keep this module importable for unit tests without it
+    import submitit
+
+    class TrainJob(submitit.helpers.Checkpointable):
+        """What submitit runs on every task. On preemption/timeout submitit calls checkpoint() and
+        requeues the same callable; the requeued run resumes from the newest verified checkpoint."""
+
+        def __init__(self, run_dir: str):
+            self.run_dir = str(run_dir)
+
+        def __call__(self):
+            return train_main(self.run_dir)
+
+except ImportError:  # pragma: no cover
+    TrainJob = None
+
+
+if __name__ == "__main__":  # torchrun / srun entry: python -m launcher.train RUN_DIR
+    out = train_main(sys.argv[1])
+    if out is not None:
+        print(json.dumps(out))

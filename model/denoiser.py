@@ -1,0 +1,206 @@
+"""The denoiser: a bidirectional transformer over V real tokens plus a mask token, built from megatron-core.
+
+Input vocabulary: V + 1 ids (the mask id is V), padded to a multiple of make_vocab_size_divisible_by * TP.
+Output classes: exactly the V real tokens (the mask is never predicted), padded to a multiple of TP; padded
+classes get logit -inf, so the model's distribution is over the V real tokens at any TP size.
+
+forward(input_ids [b, s], labels [b, s]) -> per-token NLL [b, s] float32, computed vocab-parallel (full
+logits are never gathered in training); forward(input_ids) -> vocab-parallel logits [b, s, V_out / TP];
+`gather_logits` turns those into full [b, s, V] for sampling and evaluation.
+
+Pipeline parallelism: a stage built with pre_process=False takes its input from `set_input_tensor` (megatron's
+schedules call it) and ignores input_ids; a stage with post_process=False returns hidden states [s, b, h].
+
+The denoiser knows nothing about which diffusion it serves (model/diffusion/ holds the math).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def bidirectional_layer_spec() -> ModuleSpec:
+    """megatron's local (non-transformer-engine) GPT layer with the causal mask removed."""
+    spec = copy.deepcopy(get_gpt_layer_local_spec())
+    spec.submodules.self_attention.params = {
+        **spec.submodules.self_attention.params, "attn_mask_type": AttnMaskType.no_mask}
+    return spec
+
+
+class MaskedDiffusionTransformer(MegatronModule):
+    """Embedding (+ RoPE or learned positions) -> bidirectional TransformerBlock (+ final norm) -> output
+    ColumnParallelLinear -> vocab-parallel NLL. One pipeline stage of it when pre/post_process say so."""
+
+    def __init__(self, config: TransformerConfig, *, vocab_size: int, max_sequence_length: int,
+                 position_embedding: str = "rope", zero_init_output: bool = True,
+                 make_vocab_size_divisible_by: int = 128, pre_process: bool = True,
+                 post_process: bool = True):
+        super().__init__(config=config)
+        if position_embedding not in ("rope", "learned"):
+            raise ValueError(f"position_embedding must be 'rope' or 'learned', got {position_embedding!r}")
+        tp = config.tensor_model_parallel_size
+        self.model_type = ModelType.encoder_or_decoder   # read by megatron's pipeline schedules
+        self.vocab_size = vocab_size                     # V real tokens
+        self.mask_id = vocab_size
+        self.input_vocab_size = _round_up(vocab_size + 1, make_vocab_size_divisible_by * tp)
+        self.output_vocab_size = _round_up(vocab_size, tp)
+        self.max_sequence_length = max_sequence_length
+        self.position_embedding = position_embedding
+        self.pre_process = pre_process
+        self.post_process = post_process
+        pgs = ProcessGroupCollection.use_mpu_process_groups()   # megatron's parallel_state groups
+
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config, vocab_size=self.input_vocab_size, max_sequence_length=max_sequence_length,
+                position_embedding_type="rope" if position_embedding == "rope" else "learned_absolute",
+                tp_group=pgs.tp)
+        if position_embedding == "rope":   # every stage applies RoPE inside its attention layers
+            self.rotary_pos_emb = RotaryEmbedding(
+                kv_channels=config.kv_channels, rotary_percent=1.0,
+                rotary_interleaved=config.rotary_interleaved,
+                use_cpu_initialization=config.use_cpu_initialization, cp_group=pgs.cp)
+        self.decoder = TransformerBlock(config=config, spec=bidirectional_layer_spec(),
+                                        pre_process=pre_process, post_process=post_process, pg_collection=pgs)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, self.output_vocab_size, config=config, init_method=config.init_method,
+                bias=False, gather_output=False, skip_bias_add=False, tp_group=pgs.tp)
+            if zero_init_output:
+                with torch.no_grad():
+                    self.output_layer.weight.zero_()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by megatron's pipeline schedules with the previous stage's output (or [None])."""
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "one input tensor per stage"
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def _padded_class_mask(self, local_classes: int, device: torch.device) -> Optional[Tensor]:
+        """True for this rank's output columns that are padding (class id >= V); None if there are none."""
+        if self.output_vocab_size == self.vocab_size:
+            return None
+        start = parallel_state.get_tensor_model_parallel_rank() * local_classes
+        return torch.arange(start, start + local_classes, device=device) >= self.vocab_size
+
+    def forward(self, input_ids: Optional[Tensor], labels: Optional[Tensor] = None,
+                loss_mask: Optional[Tensor] = None) -> Tensor:
+        """input_ids, labels: [b, s] int64. Returns per-token NLL [b, s] float32 if labels are given, else
+        vocab-parallel logits [b, s, V_out / TP] (padded classes -inf); [s, b, h] hidden states on a stage
+        without post_process.
+
+        loss_mask [b, s] bool (with labels): the output layer and cross-entropy run only where it is True
+        (the masked positions, the only ones a masked-diffusion loss reads); the NLL is 0 elsewhere. The
+        vocabulary projection dominates small models, so this halves their step time on average."""
+        if self.pre_process:
+            b, s = input_ids.shape
+            position_ids = None
+            if self.position_embedding == "learned":
+                position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+            hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)   # [s, b, h]
+        else:
+            hidden = None                                  # the block reads its set_input_tensor
+            s = self.decoder.input_tensor.size(0)
+        rotary = self.rotary_pos_emb(s) if self.position_embedding == "rope" else None
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
+        if not self.post_process:
+            return hidden
+
+        if labels is not None and loss_mask is not None:
+            sel = loss_mask.transpose(0, 1)                 # [s, b]; identical on every TP rank
+            nll = hidden.new_zeros(sel.shape, dtype=torch.float32)
+            nll[sel] = self._nll(hidden[sel].unsqueeze(1), labels.transpose(0, 1)[sel].unsqueeze(1)).squeeze(1)
+            return nll.transpose(0, 1).contiguous()
+        if labels is not None:
+            return self._nll(hidden, labels.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+        return self._logits(hidden).transpose(0, 1).contiguous()
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        logits, _ = self.output_layer(hidden)             # [s, b, V_out / TP]
+        logits = logits.float()                             # a copy under bf16 autocast
+        pad = self._padded_class_mask(logits.size(-1), logits.device)
+        if pad is not None:   # in place: neither the linear's nor the cast's backward needs these values
+            logits.masked_fill_(pad, float("-inf"))
+        return logits
+
+    def _nll(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """[s, b, h], [s, b] -> per-token NLL [s, b] float32, vocab-parallel (full logits never gathered)."""
+        return tensor_parallel.vocab_parallel_cross_entropy(self._logits(hidden), labels)
+
+    def gather_logits(self, logits: Tensor) -> Tensor:
+        """`gather_logits(logits, self.vocab_size)`."""
+        return gather_logits(logits, self.vocab_size)
+
+
+def gather_logits(logits: Tensor, vocab_size: Optional[int] = None) -> Tensor:
+    """Vocab-parallel logits [b, s, V_out / TP] -> full logits [b, s, V] (the V real classes) on every TP
+    rank. For sampling and evaluation; training never needs it.
+
+    Without `vocab_size` the padded classes are recognised as what the model makes them: the trailing
+    columns (fewer than TP of them) that are -inf everywhere."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    if vocab_size is None:
+        vocab_size = logits.size(-1)
+        while vocab_size > logits.size(-1) - (tp - 1) and torch.isneginf(logits[..., vocab_size - 1]).all():
+            vocab_size -= 1
+    return logits[..., :vocab_size]
+
+
+def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """megatron TransformerConfig from our ModelConfig; TP/PP sizes come from megatron's parallel_state."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        ffn_hidden_size=model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size,
+        hidden_dropout=model_cfg.dropout,
+        attention_dropout=model_cfg.dropout,
+        init_method_std=model_cfg.init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=True,
+    )
+
+
+def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_process: bool = True,
+                   post_process: bool = True) -> MaskedDiffusionTransformer:
+    """The denoiser for `model_cfg` (launcher.config.ModelConfig), one pipeline stage of it under PP.
+
+    Needs megatron's parallel_state initialised (launcher.megatron_cpu.init_model_parallel). For PP pass
+    pre_process=parallel_state.is_pipeline_first_stage(), post_process=...is_pipeline_last_stage()."""
+    if model_cfg.time_conditioning != "none":
+        raise NotImplementedError(f"time_conditioning={model_cfg.time_conditioning!r}")
+    return MaskedDiffusionTransformer(
+        transformer_config(model_cfg, params_dtype=params_dtype),
+        vocab_size=model_cfg.vocab_size, max_sequence_length=model_cfg.seq_len,
+        position_embedding=model_cfg.position_embedding, zero_init_output=model_cfg.zero_init_output,
+        make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,
+        pre_process=pre_process, post_process=post_process)

@@ -1,0 +1,105 @@
+"""Config schema: unknown keys, bad types and impossible layouts are errors naming the key."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.config import ConfigError, apply_overrides, config_from_dict, load_config, validate_world
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.model.seq_len >= 1
+
+
+def write(tmp_path, data):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_unknown_key_is_an_error_naming_key_and_file(tmp_path):
+    p = write(tmp_path, {"optim": {"lr": 1e-3, "learning_rate": 2}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "optim.learning_rate" in str(e.value) and str(p) in str(e.value)
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="optimizer"):
+        load_config(write(tmp_path, {"optimizer": {}}))
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("model.num_layers", "four", "must be an int"),
+    ("model.num_layers", 2.5, "must be an int"),
+    ("optim.lr", "fast", "must be a float"),
+    ("data.shuffle", 1, "must be a bool"),
+    ("diffusion.schedule", "sigmoid", "is not one of"),
+    ("parallel.precision", "fp8", "is not one of"),
+])
+def test_bad_types_name_the_key(tmp_path, key, value, msg):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, {section: {name: value}}))
+    assert key in str(e.value) and msg in str(e.value)
+
+
+def test_int_is_accepted_for_float():
+    assert config_from_dict({"optim": {"lr": 1}}).optim.lr == 1.0
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    p = write(tmp_path, {"optim": {"lr": 1e-3}})
+    cfg = load_config(p, ["optim.lr=2e-4", "model.num_layers=6", "data.shuffle=false", "run.name=abc"])
+    assert cfg.optim.lr == 2e-4 and cfg.model.num_layers == 6 and cfg.data.shuffle is False
+    assert cfg.run.name == "abc"
+
+
+def test_bad_override_names_the_key(tmp_path):
+    p = write(tmp_path, {})
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config(p, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(p, ["optim.lr"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"optim": 3}, ["optim.lr=1"])
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"model": {"hidden_size": 100, "num_attention_heads": 3}}, "model.hidden_size"),
+    ({"optim": {"micro_batch_size": 3, "global_batch_size": 8}}, "optim.global_batch_size"),
+    ({"parallel": {"tensor_parallel": 3}, "model": {"num_attention_heads": 4}}, "parallel.tensor_parallel"),
+    ({"parallel": {"zero_stage": 5}}, "parallel.zero_stage"),
+    ({"diffusion": {"eps": 0.7}}, "diffusion.eps"),
+    ({"optim": {"lr": -1.0}}, "optim.lr"),
+])
+def test_semantic_errors_name_the_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert key in str(e.value)
+
+
+def test_world_size_must_fit_the_layout():
+    cfg = config_from_dict({"parallel": {"tensor_parallel": 2}, "model": {"num_attention_heads": 4},
+                            "optim": {"micro_batch_size": 4, "global_batch_size": 8}})
+    validate_world(cfg, 4)
+    with pytest.raises(ConfigError, match="not divisible by tensor_parallel"):
+        validate_world(cfg, 3)
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        validate_world(cfg, 8)   # dp=4: 8 % (4*4) != 0
+
+
+def test_submit_rejects_bad_config_before_launching(tmp_path):
+    p = write(tmp_path, {"model": {"num_layerz": 2}})
+    out = subprocess.run([sys.executable, str(REPO / "launcher" / "submit.py"), "--local", "2", str(p)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "model.num_layerz" in out.stderr
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,213 @@
+"""The denoiser: bidirectional, exactly V output classes, log V at zero init, and the same numbers at
+TP=2 and PP=2 (2 gloo processes) as at TP=PP=1 given the same weights."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from launcher.config import ModelConfig
+from launcher.megatron_cpu import init_model_parallel, init_single_process_megatron
+from model.denoiser import build_denoiser, gather_logits
+from dist_utils import run_distributed, run_schedule
+
+VOCAB = 101        # odd: at TP=2 the output has one padded class
+SEQ = 16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # megatron builds on the GPU where there is one
+gloo_only = pytest.mark.skipif(torch.cuda.is_available(), reason="gloo ranks on CPU; GPU runs use NCCL")
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_len=SEQ, vocab_size=VOCAB,
+                dropout=0.0, zero_init_output=False, make_vocab_size_divisible_by=128)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def batch(seed: int, b: int = 2, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, VOCAB, (b, SEQ), generator=g)
+    masked = torch.rand(b, SEQ, generator=g) < 0.5
+    inputs = torch.where(masked, torch.full_like(labels, VOCAB), labels)   # mask id = VOCAB
+    return inputs.to(device), labels.to(device)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_tp1():
+    init_single_process_megatron(seed=1234)
+
+
+# ----- helpers shared with the spawned ranks ---------------------------------------------------------
+
+def load_full_weights(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int,
+                      layer_offset: int = 0) -> None:
+    """Copy TP=1/PP=1 weights into a TP/PP shard: slice tensor-parallel params along their partition dim
+    (zero-padding vocab rows past the real ones), shift layer numbers by this stage's first layer."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            src = full[global_name(name, layer_offset)]
+            if getattr(p, "tensor_model_parallel", False):
+                dim, local = p.partition_dim, p.shape[p.partition_dim]
+                start = tp_rank * local
+                piece = src.narrow(dim, min(start, src.shape[dim]), max(0, min(local, src.shape[dim] - start)))
+                p.zero_()
+                p.narrow(dim, 0, piece.shape[dim]).copy_(piece)
+            else:
+                p.copy_(src)
+
+
+def global_name(name: str, layer_offset: int) -> str:
+    return re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m[1]) + layer_offset}.", name)
+
+
+def grads_by_name(model: torch.nn.Module, layer_offset: int = 0) -> dict[str, torch.Tensor]:
+    return {global_name(n, layer_offset): p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def reference(cfg: ModelConfig, batches) -> tuple[dict, list[torch.Tensor], dict]:
+    """TP=PP=1 in this process: full weights, per-token NLL of each batch, gradients of sum of mean NLLs."""
+    torch.manual_seed(7)
+    model = build_denoiser(cfg)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    nlls = [model(x, y) for x, y in batches]
+    sum(n.mean() for n in nlls).backward()
+    return weights, [n.detach() for n in nlls], grads_by_name(model)
+
+
+# ----- single process ----------------------------------------------------------------------------------
+
+def test_attention_is_bidirectional_last_token_changes_first_position():
+    model = build_denoiser(tiny_config())
+    x, _ = batch(0, b=1, device=DEVICE)
+    x2 = x.clone()
+    x2[0, -1] = (x[0, -1] + 1) % VOCAB
+    with torch.no_grad():
+        first, second = model(x)[0, 0], model(x2)[0, 0]
+    assert (first - second).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("position_embedding", ["rope", "learned"])
+def test_output_has_exactly_vocab_size_classes(position_embedding):
+    model = build_denoiser(tiny_config(position_embedding=position_embedding))
+    x, _ = batch(1, device=DEVICE)
+    logits = gather_logits(model(x))
+    assert logits.shape == (2, SEQ, VOCAB) and torch.isfinite(logits).all()
+    assert torch.equal(model.gather_logits(model(x)), logits)
+    assert model.input_vocab_size == 128 and model.mask_id == VOCAB
+
+
+def test_zero_initialised_output_gives_log_v_at_init():
+    model = build_denoiser(tiny_config(zero_init_output=True))
+    assert model.output_layer.weight.abs().max() == 0
+    x, y = batch(2, device=DEVICE)
+    nll = model(x, y)
+    assert nll.dtype == torch.float32 and nll.shape == (2, SEQ)
+    torch.testing.assert_close(nll, torch.full_like(nll, math.log(VOCAB)), atol=1e-6, rtol=0)
+
+
+def test_fp32_params_train_under_bf16_autocast():
+    model = build_denoiser(tiny_config())
+    x, y = batch(3, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        nll = model(x, y)
+    assert nll.dtype == torch.float32
+    nll.mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert abs(nll.mean().item() - model(x, y).mean().item()) < 0.05
+
+
+# ----- tensor parallel: TP=2 vs TP=1 -------------------------------------------------------------------
+
+def _tp2_worker(rank, world_size, weights, batches):
+    init_model_parallel(tensor_parallel=2, pipeline_parallel=1, seed=1234)
+    model = build_denoiser(tiny_config())
+    load_full_weights(model, weights, tp_rank=rank)
+    nlls = [model(x, y) for x, y in batches]
+    sum(n.mean() for n in nlls).backward()
+    local_logits = model(batches[0][0]).detach()
+    full_logits = gather_logits(local_logits, VOCAB)
+    assert torch.equal(gather_logits(local_logits), full_logits)   # padded classes found without V
+    return {"nll": [n.detach() for n in nlls], "grads": grads_by_name(model), "local_logits": local_logits,
+            "full_logits": full_logits, "output_grad": model.output_layer.weight.grad.clone()}
+
+
+@gloo_only
+def test_tp2_matches_tp1_nll_and_gradients():
+    cfg = tiny_config()
+    batches = [batch(10), batch(11)]
+    weights, ref_nll, ref_grads = reference(cfg, batches)
+    ranks = run_distributed(_tp2_worker, world_size=2, args=(weights, batches))
+
+    for r in ranks:
+        for got, want in zip(r["nll"], ref_nll):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # padded output class (id 101 lives on rank 1): -inf, never wins, no gradient
+    assert ranks[0]["local_logits"].shape[-1] == 51 and ranks[1]["local_logits"].shape[-1] == 51
+    assert torch.isneginf(ranks[1]["local_logits"][..., -1]).all()
+    assert ranks[1]["output_grad"][-1].abs().max() == 0
+    assert ranks[0]["full_logits"].shape == (2, SEQ, VOCAB)
+    torch.testing.assert_close(ranks[0]["full_logits"], ranks[1]["full_logits"])
+
+    probe = build_denoiser(cfg)   # only for the partition attributes of each parameter
+    for name, p in probe.named_parameters():
+        want = ref_grads[name]
+        if getattr(p, "tensor_model_parallel", False):
+            got = torch.cat([r["grads"][name] for r in ranks], dim=p.partition_dim)
+            got = got.narrow(p.partition_dim, 0, want.shape[p.partition_dim])
+        else:
+            got = ranks[0]["grads"][name]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+# ----- pipeline parallel: PP=2 vs PP=1 through megatron's schedules ------------------------------------
+
+def _pp2_worker(rank, world_size, weights, batches):
+    from megatron.core import parallel_state as ps
+
+    init_model_parallel(tensor_parallel=1, pipeline_parallel=2, seed=1234)
+    cfg = tiny_config()
+    model = build_denoiser(cfg, pre_process=ps.is_pipeline_first_stage(),
+                           post_process=ps.is_pipeline_last_stage())
+    offset = rank * (cfg.num_layers // 2)
+    load_full_weights(model, weights, tp_rank=0, layer_offset=offset)
+    losses = run_schedule(model, batches)
+    return {"losses": losses, "grads": grads_by_name(model, offset)}
+
+
+@gloo_only
+def test_pp2_matches_pp1_through_megatron_schedules():
+    cfg = tiny_config()
+    batches = [batch(20), batch(21), batch(22)]
+    torch.manual_seed(7)
+    model = build_denoiser(cfg)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_losses = run_schedule(model, batches)            # PP=1: forward_backward_no_pipelining
+    ref_grads = grads_by_name(model)
+
+    ranks = run_distributed(_pp2_worker, world_size=2, args=(weights, batches))
+    assert ranks[0]["losses"] == []                       # losses live on the last stage
+    torch.testing.assert_close(torch.stack(ranks[1]["losses"]), torch.stack(ref_losses), atol=1e-6, rtol=0)
+    stage_grads = {**ranks[0]["grads"], **ranks[1]["grads"]}
+    assert stage_grads.keys() == ref_grads.keys()
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(stage_grads[name], want, atol=1e-6, rtol=1e-5, msg=f"gradient of {name}")
+
+
+def test_loss_mask_computes_the_same_nll_and_gradients_at_masked_positions():
+    torch.manual_seed(0)
+    cfg = tiny_config(zero_init_output=False)
+    model = build_denoiser(cfg)
+    x, _ = batch(3)
+    mask = torch.rand(x.shape) < 0.4
+    full = model(x, labels=x)
+    (full * mask).sum().backward()
+    g_full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    part = model(x, labels=x, loss_mask=mask)
+    assert torch.equal(part[~mask], torch.zeros_like(part[~mask]))
+    torch.testing.assert_close(part[mask], full[mask], rtol=1e-5, atol=1e-5)
+    part.sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, g_full[n], rtol=1e-4, atol=1e-6, msg=n)
