@@ -101,9 +101,17 @@ def main(argv=None) -> int:
             world = (args.nodes or 1) * gpus
         validate_world(cfg, world, args.config)
         data = Path(cfg.data.path)
-        if not args.dry_run and not (data / "manifest.json").is_file():
-            raise ConfigError(f"{args.config}: data.path = {cfg.data.path!r} has no manifest.json; "
-                              f"prepare it with `python -m data_pipeline.prepare --out {cfg.data.path} ...`")
+        if not args.dry_run:
+            if not (data / "manifest.json").is_file():
+                raise ConfigError(f"{args.config}: data.path = {cfg.data.path!r} has no manifest.json; "
+                                  f"prepare it with `python -m data_pipeline.prepare --out {cfg.data.path} ...`")
+            from data_pipeline.manifest import check_manifest
+
+            try:   # the data must fit the model before anything is queued
+                check_manifest(data, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
+                               vocab_size=cfg.model.vocab_size)
+            except ValueError as e:
+                raise ConfigError(f"{args.config}: data.path: {e}") from None
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -169,6 +169,9 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self._resume()
+        from launcher.preemption import PreemptionHandler
+
+        self.preemption = PreemptionHandler().install()
 
     def _schedule_params(self) -> dict:
         d = self.cfg.diffusion
@@ -288,12 +291,14 @@ class Trainer:
 
         def denoiser(ids: torch.Tensor, t=None) -> torch.Tensor:
             with autocast_ctx(cfg, self.info.device):
-                return gather_logits(module(ids.to(self.info.device))).float()
+                return gather_logits(module(ids.to(self.info.device)), cfg.model.vocab_size).float()
 
         g = torch.Generator().manual_seed(cfg.run.seed)
+        sc = cfg.sampler
         tokens, stats = sample(denoiser, batch_size=1, seq_len=cfg.model.seq_len, mask_id=cfg.model.vocab_size,
-                               vocab_size=cfg.model.vocab_size, schedule=self.schedule,
-                               steps=cfg.logging.sample_steps, generator=g)
+                               vocab_size=cfg.model.vocab_size, schedule=self.schedule, steps=sc.steps,
+                               grid=sc.grid, top_p=sc.top_p, temperature=sc.temperature,
+                               use_cache=sc.use_cache, generator=g)
         self.engine.train()
         text = gpt2_encoding().decode(tokens[0].tolist())
         if self.writer is not None:
@@ -337,6 +342,11 @@ class Trainer:
                 self.metrics_line({"step": self.step, **{f"val_{k}": v for k, v in val.items()}})
                 self.log(f"held-out {val['bits_per_token']:.4f} bits/token, perplexity bound "
                          f"{val['ppl_bound']:.2f} ({val['rows']} rows, K={val['eval_draws']})")
+            if self.preemption.should_stop():
+                self.save()
+                self.log("preempted: checkpoint saved, requeueing")
+                self.preemption.requeue_and_exit(info.rank)
+                return None
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.optim.train_steps:
                 self.save()
         if val is None:

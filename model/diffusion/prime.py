@@ -1,0 +1,212 @@
+"""Prime: partial masking through sub-tokens (Chao et al. 2025).
+
+A token x in {0..V-1} is written as l base-b digits, b = ceil(V^(1/l)) (the smallest b with b^l >= V),
+most significant first: y^j = floor(x / b^(l-1-j)) mod b. The sub-token mask id is b. Every digit is
+masked independently with the token schedule alpha(t), so the forward process is MD4 on N*l sub-tokens.
+
+The network sees N positions (sub-embeddings concatenated) and outputs logits over the V real tokens.
+`carry_over_filter` turns them into p_theta(x | y_t): tokens whose digits disagree with a revealed digit
+get probability 0. The VALID bound is MD4's on sub-tokens, with the digit marginals
+    P_theta(y^{n,j} = v | y_t) = sum_{x : digit_j(x) = v} p_theta(x | y_t)
+as the sub-token denoiser. Weighting the JOINT token log-prob instead is not a bound (see
+masked_diffusion.md and tests/test_diffusion_prime.py).
+
+Vocab-parallel logits: each tensor-parallel rank may hold a contiguous slice [vocab_start,
+vocab_start + V_local) of the logit columns. The filter's log-normaliser and the digit marginals then
+need a max and a sum-exp across ranks: they take an optional process `group` (None = single process).
+Padding columns (id >= vocab_size) are excluded.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .md4 import reconstruction_nats
+from .schedules import Schedule
+
+
+def prime_base(vocab_size: int, l: int) -> int:
+    """b = ceil(V^(1/l)), computed in integers."""
+    b = max(2, round(vocab_size ** (1.0 / l)))
+    while b ** l < vocab_size:
+        b += 1
+    while b > 2 and (b - 1) ** l >= vocab_size:
+        b -= 1
+    return b
+
+
+def token_digits(x: torch.Tensor, b: int, l: int) -> torch.Tensor:
+    """Encode ids x [...] -> digits [..., l], most significant first."""
+    powers = b ** torch.arange(l - 1, -1, -1, device=x.device)
+    return torch.div(x.long()[..., None], powers, rounding_mode="floor") % b
+
+
+def digits_to_tokens(y: torch.Tensor, b: int) -> torch.Tensor:
+    """Decode digits [..., l] -> ids [...] (no digit may be the mask id)."""
+    l = y.shape[-1]
+    powers = b ** torch.arange(l - 1, -1, -1, device=y.device)
+    return (y.long() * powers).sum(-1)
+
+
+def corrupt_subtokens(y0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: Schedule,
+                      b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each digit independently with probability 1 - alpha(t). y0, noise: [B, N, l]; t: [B]."""
+    alpha = schedule.alpha(t.to(torch.float64))[:, None, None]
+    masked = noise.to(torch.float64) >= alpha
+    return torch.where(masked, torch.full_like(y0, b), y0), masked
+
+
+class SubTokenEmbedding(nn.Module):
+    """One shared (b + 1) x (D / l) table; the l sub-embeddings of a position are concatenated to D."""
+
+    def __init__(self, b: int, l: int, hidden_size: int, init_std: float = 0.02):
+        super().__init__()
+        if hidden_size % l:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by l={l}")
+        self.b, self.l = b, l
+        self.table = nn.Embedding(b + 1, hidden_size // l)
+        nn.init.normal_(self.table.weight, std=init_std)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:      # [B, N, l] -> [B, N, D]
+        e = self.table(y)                                     # [B, N, l, D/l]
+        return e.flatten(-2)
+
+
+# ----- vocab-parallel reductions ------------------------------------------------------------------
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is the identity: what follows is computed identically on every
+    rank of the group, so d loss / d (local part) = d loss / d (global sum) (Megatron's reduce-from-region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _UseOnEveryRank(torch.autograd.Function):
+    """Identity whose backward sums the gradient over ranks: marks a replicated tensor that feeds
+    rank-local computation (each rank then holds only its own part of the gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def _use_on_every_rank(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group is None else _UseOnEveryRank.apply(x, group)
+
+
+def _sum_across(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group is None else _SumAcrossRanks.apply(x, group)
+
+
+def _max_across(x: torch.Tensor, group) -> torch.Tensor:
+    """Max over ranks, used only as a stabiliser (no gradient needed)."""
+    x = x.detach().clone()
+    if group is not None:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
+
+
+def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def carry_over_filter(logits: torch.Tensor, y_t: torch.Tensor, b: int, vocab_size: int,
+                      vocab_start: int = 0, group=None) -> torch.Tensor:
+    """log p_theta(x | y_t) over this rank's columns: logits [B, N, V_local], y_t [B, N, l] -> [B, N, V_local].
+
+    Tokens that disagree with any revealed digit, and padding ids >= vocab_size, get -inf; the softmax
+    normaliser is reduced over `group` (max, then sum of exp).
+    """
+    l = y_t.shape[-1]
+    ids = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=logits.device)
+    digits = token_digits(ids, b, l)                                          # [V_local, l]
+    ok = (ids < vocab_size).expand(*logits.shape[:-1], -1).clone()
+    for j in range(l):
+        yj = y_t[..., j, None]
+        ok &= (yj == b) | (yj == digits[:, j])
+    z = logits.float().masked_fill(~ok, float("-inf"))
+    m = _finite_or_zero(_max_across(z.amax(dim=-1, keepdim=True), group))
+    s = _sum_across(torch.exp(z - m).sum(dim=-1, keepdim=True), group)
+    return z - m - torch.log(_use_on_every_rank(s, group))
+
+
+def digit_log_marginals(log_p: torch.Tensor, b: int, l: int, vocab_start: int = 0, group=None) -> torch.Tensor:
+    """log P(y^j = v | y_t) = logsumexp_{x: digit_j(x) = v} log p(x | y_t): [B, N, V_local] -> [B, N, l, b].
+
+    Each rank reduces its own columns per digit value, then max / sum-exp are reduced over `group`.
+    """
+    ids = torch.arange(vocab_start, vocab_start + log_p.shape[-1], device=log_p.device)
+    digits = token_digits(ids, b, l)                                          # [V_local, l]
+    out = []
+    for j in range(l):
+        index = digits[:, j].expand_as(log_p)
+        m = torch.full((*log_p.shape[:-1], b), float("-inf"), device=log_p.device, dtype=log_p.dtype)
+        m = m.scatter_reduce(-1, index, log_p.detach(), reduce="amax", include_self=True)
+        m = _finite_or_zero(_max_across(m, group))
+        s = torch.zeros_like(m).scatter_add(-1, index, torch.exp(log_p - m.gather(-1, index)))
+        s = _sum_across(s, group)
+        empty = s <= 0                                   # digit values no token has: log 0 without a NaN gradient
+        out.append(torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, s))))
+    return torch.stack(out, dim=-2)
+
+
+def digit_nll(logits: torch.Tensor, y_t: torch.Tensor, y0: torch.Tensor, b: int, vocab_size: int,
+              vocab_start: int = 0, group=None) -> torch.Tensor:
+    """-log P_theta(y^{n,j} = y0^{n,j} | y_t) for every digit: [B, N, l] (float32)."""
+    l = y_t.shape[-1]
+    log_p = carry_over_filter(logits, y_t, b, vocab_size, vocab_start, group)
+    marg = digit_log_marginals(log_p, b, l, vocab_start, group)              # [B, N, l, b]
+    return -marg.gather(-1, y0.long()[..., None]).squeeze(-1)
+
+
+def prime_reconstruction_nats(num_tokens: int, l: int, b: int, schedule: Schedule) -> float:
+    """MD4's reconstruction term for N * l sub-tokens of b values."""
+    return reconstruction_nats(num_tokens * l, b, schedule)
+
+
+def prime_loss_from_digit_nll(digit_nll_: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
+                              schedule: Schedule, b: int) -> torch.Tensor:
+    """Per-sequence VALID Prime negative ELBO (nats): w(t) * sum over masked digits of digit NLL + recon."""
+    w = schedule.weight(t.to(torch.float64)).to(torch.float32)
+    masked_sum = (digit_nll_.float() * masked.float()).flatten(1).sum(dim=1)
+    N, l = digit_nll_.shape[1], digit_nll_.shape[2]
+    return w * masked_sum + prime_reconstruction_nats(N, l, b, schedule)
+
+
+def prime_elbo(denoiser, x0: torch.Tensor, schedule: Schedule, vocab_size: int, l: int, *, draws: int = 1,
+               time_conditioned: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sequence Prime negative ELBO in nats [B] (continuous time, antithetic t, K = draws).
+
+    denoiser(y [B, N, l]) -> logits [B, N, >= V] over tokens (denoiser(y, t) when time_conditioned).
+    """
+    from .md4 import antithetic_times
+    b = prime_base(vocab_size, l)
+    B, N = x0.shape
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    y0 = token_digits(x0, b, l)
+    total = torch.zeros(B, dtype=torch.float64, device=x0.device)
+    for _ in range(draws):
+        u = torch.rand((), generator=generator, device=gen_device, dtype=torch.float64)
+        t = antithetic_times(u, torch.arange(B, device=gen_device), B).to(x0.device)
+        noise = torch.rand(B, N, l, generator=generator, device=gen_device, dtype=torch.float64).to(x0.device)
+        y_t, masked = corrupt_subtokens(y0, t, noise, schedule, b)
+        logits = denoiser(y_t, t) if time_conditioned else denoiser(y_t)
+        nll = digit_nll(logits[..., :vocab_size], y_t, y0, b, vocab_size)
+        total += prime_loss_from_digit_nll(nll, masked, t, schedule, b).double()
+    return total / draws
