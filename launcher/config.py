@@ -88,13 +88,15 @@ class OptimConfig:
     train_steps: int = 1000
     micro_batch_size: int = 8
     global_batch_size: int = 16
+    ema_decay: float = 0.0              # EMA of the weights for held-out evaluation; 0 = off (MD4: 0.9999)
+    max_consecutive_skips: int = 10     # non-finite loss/gradients: skip the step; stop after this many in a row
 
 
 @dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    zero_stage: int = 1
+    zero_stage: int = 1                            # DeepSpeed ZeRO stage: 1 or 2
     precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast where the device supports it
 
 
@@ -324,8 +326,11 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
              f"model.num_layers={m.num_layers} is not divisible by pipeline_parallel={p.pipeline_parallel}")
     _require(p.pipeline_parallel == 1, source, "parallel.pipeline_parallel",
              "pipeline parallelism is not wired into the training engine yet; use 1")
-    _require(p.zero_stage in (0, 1, 2), source, "parallel.zero_stage",
-             "ZeRO stage 3 is not supported with megatron-core tensor-parallel layers; use 0, 1 or 2")
+    _require(p.zero_stage in (1, 2), source, "parallel.zero_stage",
+             f"{p.zero_stage}: use 1 or 2 (ZeRO-3 does not fit megatron-core's tensor-parallel layers; without "
+             "ZeRO, DeepSpeed would not skip steps whose gradients are not finite)")
+    _require(0.0 <= o.ema_decay < 1.0, source, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
+    _require(o.max_consecutive_skips >= 1, source, "optim.max_consecutive_skips", "must be >= 1")
     _require(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
     _require(cfg.logging.eval_batches >= 0, source, "logging.eval_batches", "must be >= 0")
     if world_size is not None:

@@ -124,6 +124,49 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20    # KiB on Linux
+
+
+class EMA:
+    """fp32 exponential moving average of this rank's (tensor/pipeline shard of the) weights."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().float().clone() for k, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, p in module.named_parameters():
+            self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap_in(self, module: torch.nn.Module) -> dict:
+        saved = {}
+        for k, p in module.named_parameters():
+            saved[k] = p.detach().clone()
+            p.copy_(self.shadow[k])
+        return saved
+
+    @torch.no_grad()
+    def swap_out(self, module: torch.nn.Module, saved: dict) -> None:
+        for k, p in module.named_parameters():
+            p.copy_(saved[k])
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) - set(state["shadow"])
+        if missing:
+            raise RuntimeError(f"EMA state lacks {sorted(missing)[:3]}...")
+        self.shadow = {k: v.float().clone() for k, v in state["shadow"].items()}
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg = cfg
@@ -168,6 +211,12 @@ class Trainer:
         if info.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        from model.flops import flops_per_token, peak_flops
+
+        self.flops_per_token = flops_per_token(cfg.model.num_layers, cfg.model.hidden_size, cfg.model.seq_len,
+                                               cfg.model.vocab_size, cfg.model.ffn_hidden_size)
+        self.peak_flops = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+        self.ema = EMA(self.engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self._resume()
         from launcher.preemption import PreemptionHandler
 
@@ -189,6 +238,10 @@ class Trainer:
             self.log(f"no checkpoint in {self.ckpt_root}: starting from step 0")
             return
         client, extra = checkpoint.load(self.engine, self.ckpt_root, tag, self.info.rank)
+        if self.ema is not None:
+            if "ema" not in client:
+                raise RuntimeError(f"{self.ckpt_root / tag} holds no EMA weights but optim.ema_decay > 0")
+            self.ema.load_state_dict(client["ema"])
         self.step = int(client["step"])
         self.tokens_seen = int(client["tokens_seen"])
         self.train_loader.load_state_dict(extra["loader"])
@@ -200,7 +253,8 @@ class Trainer:
 
         t0 = time.time()
         checkpoint.save(self.engine, self.ckpt_root, self.step,
-                        client_state={"step": self.step, "tokens_seen": self.tokens_seen},
+                        client_state={"step": self.step, "tokens_seen": self.tokens_seen,
+                                      **({"ema": self.ema.state_dict()} if self.ema is not None else {})},
                         rank_state={"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state()},
                         keep_last=self.cfg.checkpoint.keep_last, rank=self.info.rank)
         self.scalar("time/checkpoint_s", time.time() - t0)
@@ -231,12 +285,20 @@ class Trainer:
         return continuous_loss_from_nll(nll.float(), masked.to(nll.device), t.to(nll.device), self.schedule,
                                         cfg.model.vocab_size)
 
-    def train_step(self, batches) -> float:
+    def train_step(self, batches) -> tuple[float, float, bool]:
+        """One optimizer step. Returns (loss in nats/token averaged over data-parallel ranks, seconds
+        spent waiting for data, whether DeepSpeed applied the update: ZeRO skips a step whose gradient
+        norm is not finite, and so does not step the LR schedule either)."""
+        from megatron.core import parallel_state
+
         cfg, info = self.cfg, self.info
         mb, n = cfg.optim.micro_batch_size, cfg.model.seq_len
-        total = 0.0
+        total, wait = 0.0, 0.0
+        skipped_before = self.engine.skipped_steps
         for m in range(self.gas):
+            t0 = time.time()
             x0 = next(batches)
+            wait += time.time() - t0
             base = (m * info.dp_size + info.dp_rank) * mb
             t, noise = step_noise(cfg.run.seed, self.step, list(range(base, base + x0.shape[0])),
                                   cfg.optim.global_batch_size, n, cfg.diffusion.antithetic)
@@ -245,7 +307,13 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item()
-        return total / self.gas
+        applied = self.engine.skipped_steps == skipped_before
+        stats = torch.tensor([total / self.gas, wait], dtype=torch.float64)
+        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        stats /= info.dp_size
+        if applied and self.ema is not None:
+            self.ema.update(self.engine.module)
+        return stats[0].item(), stats[1].item(), applied
 
     # ----- held-out bound -----------------------------------------------------------------------
     @torch.no_grad()
@@ -254,6 +322,7 @@ class Trainer:
 
         cfg = self.cfg
         self.engine.eval()
+        swapped = self.ema.swap_in(self.engine.module) if self.ema is not None else None
         n, k_draws = cfg.model.seq_len, cfg.logging.eval_draws
         sums = torch.zeros(3, dtype=torch.float64)   # [sum of per-row nats, sum of squares, rows]
         for i, x0 in enumerate(self._build_eval_loader()):
@@ -268,6 +337,8 @@ class Trainer:
             per_row /= k_draws
             sums += torch.stack([per_row.sum(), (per_row ** 2).sum(), torch.tensor(float(x0.shape[0]))])
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        if swapped is not None:
+            self.ema.swap_out(self.engine.module, swapped)
         self.engine.train()
         total, sq, rows = sums.tolist()
         rows = max(rows, 1.0)
@@ -315,26 +386,50 @@ class Trainer:
                  f"dp={info.dp_size}), zero={cfg.parallel.zero_stage}, precision={cfg.parallel.precision}, "
                  f"grad accumulation={self.gas}, device={info.device}")
         val = None
+        wait_since, consecutive_skips = 0.0, 0
         while self.step < cfg.optim.train_steps:
-            loss = self.train_step(batches)
+            loss, wait, applied = self.train_step(batches)
             self.step += 1
             self.tokens_seen += tokens_per_step
             steps_since += 1
+            wait_since += wait
+            if applied:
+                consecutive_skips = 0
+            else:
+                consecutive_skips += 1
+                self.log(f"non-finite loss or gradients: step skipped ({consecutive_skips} in a row, "
+                         f"{self.engine.skipped_steps} in total)")
+                self.scalar("train/skipped_steps", self.engine.skipped_steps)
+                if consecutive_skips >= cfg.optim.max_consecutive_skips:
+                    self.save()
+                    raise RuntimeError(
+                        f"{consecutive_skips} consecutive steps with non-finite loss or gradients, the last at step "
+                        f"{self.step}; checkpoint saved at {self.ckpt_root / 'latest'}; lower optim.lr or inspect the data")
             if self.step % cfg.logging.log_interval == 0 or self.step == cfg.optim.train_steps:
                 dt = time.time() - t_last
                 grad_norm = self.engine.get_global_grad_norm()
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
                 lr = self.scheduler.get_last_lr()[0]
+                tps = steps_since * tokens_per_step / dt
+                achieved = tps * self.flops_per_token / info.world_size      # per device
                 rec = {"step": self.step, "train_bits_per_token": loss / LN2, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": steps_since * tokens_per_step / dt, "tokens_seen": self.tokens_seen}
+                       "tokens_per_s": tps, "tokens_seen": self.tokens_seen, "data_wait_s": wait_since / steps_since,
+                       "tflops_per_device": achieved / 1e12, "peak_memory_gb": peak_memory_gb(),
+                       "skipped_steps": self.engine.skipped_steps}
+                if self.peak_flops:
+                    rec["mfu"] = achieved / self.peak_flops
+                    self.scalar("perf/mfu", rec["mfu"])
                 self.scalar("train/bits_per_token", rec["train_bits_per_token"])
                 self.scalar("train/lr", lr)
                 self.scalar("train/grad_norm", grad_norm)
-                self.scalar("train/tokens_per_s", rec["tokens_per_s"])
+                self.scalar("perf/tokens_per_s", tps)
+                self.scalar("perf/tflops_per_device", rec["tflops_per_device"])
+                self.scalar("perf/peak_memory_gb", rec["peak_memory_gb"])
+                self.scalar("perf/data_wait_s", rec["data_wait_s"])
                 self.metrics_line(rec)
                 self.log(f"train {rec['train_bits_per_token']:.3f} bits/token  lr {lr:.2e}  "
-                         f"grad {grad_norm:.2f}  {rec['tokens_per_s']:.0f} tok/s")
-                t_last, steps_since = time.time(), 0
+                         f"grad {grad_norm:.2f}  {tps:.0f} tok/s  data wait {rec['data_wait_s'] * 1e3:.0f} ms/step")
+                t_last, steps_since, wait_since = time.time(), 0, 0.0
             if self.step % cfg.logging.eval_interval == 0 or self.step == cfg.optim.train_steps:
                 val = self.evaluate()
                 self.scalar("val/bits_per_token", val["bits_per_token"])

@@ -84,7 +84,8 @@ def test_tensorboard_event_files_hold_the_training_scalars(tmp_path, data_dir):
     acc = EventAccumulator(str(tmp_path / "runs" / "tb" / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/bits_per_token", "train/lr", "train/grad_norm", "train/tokens_per_s",
+    for tag in ("train/bits_per_token", "train/lr", "train/grad_norm", "perf/tokens_per_s",
+                "perf/tflops_per_device", "perf/peak_memory_gb", "perf/data_wait_s", "time/checkpoint_s",
                 "val/bits_per_token", "val/ppl_bound"):
         assert tag in tags, (tag, tags)
     assert [e.step for e in acc.Scalars("train/bits_per_token")] == [1, 2, 3]
