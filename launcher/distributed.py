@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,17 +32,29 @@ class DistInfo:
         return self.rank == 0
 
 
-def export_env_from_launcher() -> None:
+_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def export_env_from_launcher() -> str:
     """Set MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from submitit (SLURM or local executor).
 
-    Does nothing when they are already set (torchrun, tests using mp.spawn).
+    In a submitit task (SUBMITIT_EXECUTOR is set by both executors) submitit's answer wins: sbatch
+    exports the submitter's whole environment, so RANK/MASTER_* found there may be stale leftovers of
+    the shell that submitted. Under SLURM, MASTER_ADDR is the first host of SLURM_JOB_NODELIST and
+    MASTER_PORT is drawn from the job id (the same on every task, and again after a requeue).
+    Elsewhere (torchrun, tests using mp.spawn) variables that are already set are used as they are.
+    Returns where the values came from.
     """
-    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+    under_submitit = "SUBMITIT_EXECUTOR" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
+    if not under_submitit and all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
         os.environ.setdefault("LOCAL_RANK", "0")
-        return
+        return "environment"
     import submitit
 
+    for k in _DIST_VARS:
+        os.environ.pop(k, None)
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return f"submitit ({os.environ.get('SUBMITIT_EXECUTOR', 'unknown')} executor)"
 
 
 def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
@@ -52,9 +65,16 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
     from launcher import megatron_cpu
 
     use_cuda = torch.cuda.is_available()
-    export_env_from_launcher()
+    source = export_env_from_launcher()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    import launcher
+
+    print(f"[rank {rank}/{world}] torch.distributed {'nccl' if use_cuda else 'gloo'} env:// at "
+          f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (local rank {local_rank}, from {source}"
+          f"{', SLURM job ' + os.environ['SLURM_JOB_ID'] if 'SLURM_JOB_ID' in os.environ else ''}"
+          f"{', restart ' + os.environ['SLURM_RESTART_COUNT'] if 'SLURM_RESTART_COUNT' in os.environ else ''}); "
+          f"code from {Path(launcher.__file__).resolve().parent.parent}", flush=True)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

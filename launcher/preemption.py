@@ -54,10 +54,39 @@ class PreemptionHandler:
         on_slurm = "SLURM_JOB_ID" in os.environ and callable(usr2)
         if not on_slurm:
             raise SystemExit(f"preempted by signal {self.received}: checkpoint saved; submit again to resume")
+        # From here on this task only hands over and ends: SLURM requeues the job and SIGTERMs (later
+        # SIGKILLs) every process of the step, data-loader workers included. Nothing may become an
+        # Exception now: submitit writes a result pickle for any Exception escaping the task, and a
+        # result -- even an error -- tells whoever waits on the job that it is over although it was
+        # requeued. (Seen: a DataLoader worker killed by the requeue's SIGTERM made torch's SIGCHLD
+        # handler raise "DataLoader worker ... is killed by signal" during the unwinding after
+        # submitit's sys.exit; the waiting `submit.py --wait` reported the requeued job as failed.)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # the loader is not used any more
+        # The requeue's SIGTERM ends this process at once instead of after KillWait (up to the
+        # cluster's KillWait, 30 s by default): the requeued job starts only once every task is gone.
+        signal.signal(signal.SIGTERM, lambda *_: _hard_exit(0))
         if rank == 0:
-            usr2(signal.SIGUSR2, None)     # submitit: pickle the callable, scontrol requeue, exit
-            return
-        deadline = time.time() + 600       # scontrol requeue ends this task; don't exit with a result
+            _flush()
+            try:
+                usr2(signal.SIGUSR2, None)   # submitit: pickle the callable, scontrol requeue, sys.exit(-1)
+            except SystemExit:
+                _hard_exit(0)                # requeued; skip the unwinding (see above)
+            # no SystemExit: submitit did not requeue (it raised before, e.g. too many timeouts)
+            raise SystemExit("submitit returned from its USR2 handler without requeueing")
+        deadline = time.time() + 600         # scontrol requeue ends this task; don't exit with a result
         while time.time() < deadline:
             time.sleep(1)
         raise SystemExit("requeue did not stop this task within 10 minutes")
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _hard_exit(code: int) -> None:
+    _flush()
+    os._exit(code)

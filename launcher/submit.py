@@ -3,7 +3,12 @@
 
     python launcher/submit.py --local 2 configs/md4_tiny.yaml                 # this machine, 2 processes
     python launcher/submit.py --nodes 16 configs/md4_medium.yaml              # SLURM, 8 GPUs per node
-    python launcher/submit.py --nodes 16 --dry-run configs/md4_medium.yaml optim.lr=2e-4
+    python launcher/submit.py --cluster example_gpu --nodes 16 --dry-run configs/md4_medium.yaml optim.lr=2e-4
+    python launcher/submit.py --cluster loopback --nodes 1 --tasks-per-node 2 --wait configs/md4_tiny.yaml
+
+SLURM settings: built-in defaults < cluster profile (--cluster NAME = cluster/profiles/NAME.yaml) < flags.
+One task per GPU; on CPU-only clusters (gpus_per_node 0) --tasks-per-node sets the tasks per node.
+On SLURM the command prints the job id and returns (--wait: wait for the result, as --local does).
 
 The run directory (<run.output_dir>/<run.name>) holds the resolved config, a snapshot of the code that
 was submitted (a requeued job runs that code even if the checkout moved on), the code version, the
@@ -38,14 +43,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", type=int, metavar="N", help="run N processes on this machine (submitit local)")
     where.add_argument("--nodes", type=int, help="SLURM nodes")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs (= tasks) per node (default 8)")
+    p.add_argument("--cluster", metavar="NAME", help="SLURM cluster profile cluster/profiles/NAME.yaml (or a path)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs (= tasks) per node (default: the profile's, else 8); 0 = CPU only")
+    p.add_argument("--tasks-per-node", type=int, default=None,
+                   help="tasks per node on CPU-only clusters (gpus per node 0); default: the profile's, else 1")
+    p.add_argument("--cpus-per-task", type=int, default=None)
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--time", type=int, default=None, help="time limit in minutes")
     p.add_argument("--constraint")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config; submit nothing")
-    p.add_argument("--no-wait", action="store_true", help="return after submission (default for SLURM)")
+    wait = p.add_mutually_exclusive_group()
+    wait.add_argument("--wait", action="store_true", help="SLURM: wait for the job's result (default for --local)")
+    wait.add_argument("--no-wait", action="store_true", help="return after submission (default for SLURM)")
     return p.parse_args(argv)
 
 
@@ -97,8 +109,12 @@ def main(argv=None) -> int:
         if args.local is not None:
             world = args.local
         else:
-            gpus = args.gpus_per_node if args.gpus_per_node is not None else 8
-            world = (args.nodes or 1) * gpus
+            from launcher.slurm import world_size
+
+            try:
+                world = world_size(args)
+            except (OSError, ValueError) as e:   # unknown/invalid profile, conflicting flags
+                raise ConfigError(f"--cluster {args.cluster}: {e}" if args.cluster else str(e)) from None
         validate_world(cfg, world, args.config)
         data = Path(cfg.data.path)
         if not args.dry_run:
@@ -123,9 +139,12 @@ def main(argv=None) -> int:
         print("# resolved config")
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if args.local is None:
-            from launcher.slurm import sbatch_script
+            from launcher.slurm import resolve_cluster, sbatch_script
 
-            print("# sbatch script")
+            s = resolve_cluster(args)
+            print(f"# SLURM: cluster profile {s['cluster']}: {s['nodes']} node(s) x {s['tasks_per_node']} task(s), "
+                  f"{s['gpus_per_node']} GPU(s) per node, world size {world}")
+            print("# sbatch script (not submitted)")
             print(sbatch_script(cfg, args))
         else:
             print(f"# local run: {args.local} processes through submitit's LocalExecutor")
@@ -135,6 +154,7 @@ def main(argv=None) -> int:
     code = snapshot_code(run_dir)
     # the job imports the snapshot, not the checkout
     os.environ["PYTHONPATH"] = os.pathsep.join([str(code)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    os.environ["PYTHONSAFEPATH"] = "1"   # `python -m` must not put the cwd (a checkout?) before the snapshot
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
     from launcher.train import TrainJob
 
@@ -149,7 +169,7 @@ def main(argv=None) -> int:
     job = executor.submit(TrainJob(str(run_dir)))
     print(f"submitted job {job.job_id}; run directory {run_dir}", flush=True)
     print(f"watch it: tensorboard --logdir {run_dir / 'tensorboard'} --host 127.0.0.1", flush=True)
-    if args.no_wait or (args.local is None):
+    if args.no_wait or (args.local is None and not args.wait):
         return 0
     try:
         results = job.results()
@@ -172,7 +192,7 @@ def print_result(result: dict | None) -> None:
           f"{val['tokens']} tokens, K={val['eval_draws']})")
     print(f"held-out perplexity bound: {val['ppl_bound']:.2f}")
     if "unigram_ppl" in result:
-        print(f"unigram perplexity       : {result['unigram_ppl']:.2f} (add-one unigram fit on train, same held-out rows)")
+        print(f"unigram perplexity       : {result['unigram_ppl']:.2f} (add-one unigram fit on train, over the whole held-out split)")
     if "sample" in result:
         calls = result.get("sample_network_calls")
         print(f"sample ({calls} network calls):")

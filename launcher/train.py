@@ -440,6 +440,8 @@ class Trainer:
             if self.preemption.should_stop():
                 self.save()
                 self.log("preempted: checkpoint saved, requeueing")
+                if self.writer is not None:
+                    self.writer.flush()   # requeue_and_exit ends the process without unwinding
                 self.preemption.requeue_and_exit(info.rank)
                 return None
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.optim.train_steps:
