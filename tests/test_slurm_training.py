@@ -171,7 +171,11 @@ def test_preempted_twice_requeued_and_same_losses(slurm_cluster, tmp_path, data_
     finally:
         if proc.poll() is None:
             proc.kill()
-        if _job_state(job_id) in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "REQUEUE_HOLD"):
+        if proc.returncode == 0:   # results are written before the tasks have exited: let SLURM finish it
+            deadline = time.monotonic() + 60
+            while _job_state(job_id) in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
+                time.sleep(1)
+        if _job_state(job_id) in ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD"):
             subprocess.run(["scancel", job_id], capture_output=True)
 
     assert proc.returncode == 0, f"submit.py --wait failed:\n{out}\n{report()}"
