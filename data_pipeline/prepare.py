@@ -32,15 +32,21 @@ import numpy as np
 from data_pipeline.manifest import MANIFEST_NAME, FORMAT_VERSION, UNIGRAM_NAME, file_sha256
 from data_pipeline.tokenizer import EOS_ID, TOKENIZER_NAME, VOCAB_SIZE, gpt2_encoding
 
-SPLIT_METHOD = "blake2b-64(seed_le64 || utf8(doc)) / 2**64 < val_fraction"
+SPLIT_METHOD = "blake2b-64(seed_le64 || utf8(doc) | ids as <u4) / 2**64 < val_fraction"
 DEFAULT_SHARD_BYTES = 1 << 24
 
 
-def split_uniform(text: str, split_seed: int) -> float:
-    """Deterministic uniform number in [0, 1) for a document under a split seed."""
-    h = hashlib.blake2b(int(split_seed).to_bytes(8, "little", signed=False) + text.encode("utf-8"),
-                        digest_size=8)
+def split_uniform(doc: str | bytes, split_seed: int) -> float:
+    """Deterministic uniform number in [0, 1) for a document under a split seed. A text document is
+    keyed by its UTF-8 bytes, a token document by its ids as little-endian uint32 (`token_key`)."""
+    data = doc.encode("utf-8") if isinstance(doc, str) else bytes(doc)
+    h = hashlib.blake2b(int(split_seed).to_bytes(8, "little", signed=False) + data, digest_size=8)
     return int.from_bytes(h.digest(), "little") / 2.0 ** 64
+
+
+def token_key(tokens) -> bytes:
+    """The split key of an already tokenized document."""
+    return np.asarray(tokens, dtype="<u4").tobytes()
 
 
 def is_val(text: str, split_seed: int, val_fraction: float) -> bool:
@@ -68,16 +74,19 @@ def _tokenize(docs: Sequence[str], workers: int, desc: str, progress: bool) -> l
     return out
 
 
-def _pack(token_lists: list[list[int]], seq_len: int, dtype) -> tuple[np.ndarray, int, int]:
-    """Concatenate docs (each + EOS) and cut rows of seq_len. Returns (rows, tokens_total, dropped)."""
-    n = sum(len(t) + 1 for t in token_lists)
+def _pack(token_lists: list, seq_len: int, dtype, eos_id: int | None = EOS_ID) -> tuple[np.ndarray, int, int]:
+    """Concatenate docs (each followed by EOS unless eos_id is None) and cut rows of seq_len.
+    Returns (rows, tokens_total, dropped)."""
+    sep = 0 if eos_id is None else 1
+    n = sum(len(t) + sep for t in token_lists)
     flat = np.empty(n, dtype=np.int64)
     pos = 0
     for t in token_lists:
         flat[pos:pos + len(t)] = t
         pos += len(t)
-        flat[pos] = EOS_ID
-        pos += 1
+        if sep:
+            flat[pos] = eos_id
+            pos += 1
     rows = n // seq_len
     kept = rows * seq_len
     return flat[:kept].astype(dtype).reshape(rows, seq_len), n, n - kept
@@ -103,8 +112,29 @@ def prepare(documents: Sequence[str], out_dir: str | os.PathLike, seq_len: int,
             val_fraction: float = 0.05, split_seed: int = 0, workers: int = 2, *,
             shard_bytes: int = DEFAULT_SHARD_BYTES, source: str = "", progress: bool = False,
             log=None) -> dict:
-    """Build DIR/{train,val} MDS shards, DIR/train/unigram_counts.npy and DIR/manifest.json.
+    """Text documents -> GPT-2 BPE -> `prepare_tokens` (the split is keyed by each document's text)."""
+    documents = list(documents)
+    if not documents:
+        raise ValueError("no documents")
+    t1 = time.perf_counter()
+    toks = _tokenize(documents, workers, "tokenize", progress)
+    (log or (lambda *a: None))(f"tokenized {len(documents)} documents in {time.perf_counter() - t1:.2f}s")
+    return prepare_tokens(toks, out_dir, seq_len, val_fraction, split_seed, tokenizer=TOKENIZER_NAME,
+                          vocab_size=VOCAB_SIZE, eos_id=EOS_ID, split_keys=documents,
+                          shard_bytes=shard_bytes, source=source, log=log)
 
+
+def prepare_tokens(token_docs: Sequence, out_dir: str | os.PathLike, seq_len: int,
+                   val_fraction: float = 0.05, split_seed: int = 0, *, tokenizer: str, vocab_size: int,
+                   eos_id: int | None, split_keys: Sequence | None = None,
+                   shard_bytes: int = DEFAULT_SHARD_BYTES, source: str = "", log=None,
+                   extra_manifest: dict | None = None) -> dict:
+    """Build DIR/{train,val} MDS shards, DIR/train/unigram_counts.npy and DIR/manifest.json from
+    already tokenized documents (sequences of ids in [0, vocab_size)).
+
+    Document d goes to val iff split_uniform(split_keys[d], split_seed) < val_fraction; split_keys
+    default to the ids themselves (`token_key`). Each split is packed in document order with eos_id
+    after every document (none if eos_id is None) into rows of seq_len; the ragged tail is dropped.
     Returns the manifest dict. Raises ValueError when a split would have no full row.
     `out_dir` must be absent, empty, or a previous output of this function (it is replaced).
     """
@@ -116,9 +146,13 @@ def prepare(documents: Sequence[str], out_dir: str | os.PathLike, seq_len: int,
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if split_seed < 0:
         raise ValueError(f"split_seed must be >= 0, got {split_seed}")
-    documents = list(documents)
-    if not documents:
+    token_docs = list(token_docs)
+    if not token_docs:
         raise ValueError("no documents")
+    if split_keys is None:
+        split_keys = [token_key(t) for t in token_docs]
+    elif len(split_keys) != len(token_docs):
+        raise ValueError(f"{len(split_keys)} split keys for {len(token_docs)} documents")
     out = Path(out_dir)
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
@@ -132,55 +166,53 @@ def prepare(documents: Sequence[str], out_dir: str | os.PathLike, seq_len: int,
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
-    val_mask = [is_val(d, split_seed, val_fraction) for d in documents]
-    split_docs = {"train": [d for d, v in zip(documents, val_mask) if not v],
-                  "val": [d for d, v in zip(documents, val_mask) if v]}
-    dtype_name = "uint16" if VOCAB_SIZE <= 65536 else "uint32"
+    val_mask = [is_val(k, split_seed, val_fraction) for k in split_keys]
+    dtype_name = "uint8" if vocab_size <= 256 else "uint16" if vocab_size <= 65536 else "uint32"
     dtype = np.dtype(dtype_name)
 
     splits = {}
-    t_tok = 0.0
     for split in ("train", "val"):
-        docs = split_docs[split]
-        if not docs:
-            raise ValueError(f"split {split!r} received no documents out of {len(documents)} "
+        toks = [t for t, v in zip(token_docs, val_mask) if v == (split == "val")]
+        if not toks:
+            raise ValueError(f"split {split!r} received no documents out of {len(token_docs)} "
                              f"(val_fraction={val_fraction}, split_seed={split_seed}); "
                              "use more documents or another val_fraction")
-        t1 = time.perf_counter()
-        toks = _tokenize(docs, workers, f"tokenize {split}", progress)
-        t_tok += time.perf_counter() - t1
-        rows, n_tokens, dropped = _pack(toks, seq_len, dtype)
+        rows, n_tokens, dropped = _pack(toks, seq_len, dtype, eos_id)
         if len(rows) == 0:
             raise ValueError(f"split {split!r} has {n_tokens} tokens, fewer than one row of "
                              f"seq_len={seq_len}; use more documents or a shorter seq_len")
+        lo, hi = int(rows.min()), int(rows.max())
+        if hi >= vocab_size:
+            raise ValueError(f"split {split!r}: token id {hi} is outside the vocabulary of {vocab_size}")
         _write_mds(rows, out / split, seq_len, dtype_name, shard_bytes)
-        info = {"documents": len(docs), "tokens_total": int(n_tokens), "rows": int(len(rows)),
+        info = {"documents": len(toks), "tokens_total": int(n_tokens), "rows": int(len(rows)),
                 "tokens": int(rows.size), "dropped_tokens": int(dropped)}
         if split == "train":
-            counts = np.bincount(rows.reshape(-1).astype(np.int64), minlength=VOCAB_SIZE).astype(np.int64)
+            counts = np.bincount(rows.reshape(-1).astype(np.int64), minlength=vocab_size).astype(np.int64)
             np.save(out / split / UNIGRAM_NAME, counts, allow_pickle=False)
         info["files"] = _files_entry(out, out / split)
         splits[split] = info
-        log(f"{split}: {len(docs)} docs, {n_tokens} tokens (with EOS) -> {len(rows)} rows x {seq_len}, "
+        log(f"{split}: {len(toks)} docs, {n_tokens} tokens -> {len(rows)} rows x {seq_len}, "
             f"dropped {dropped} tail tokens")
 
     manifest = {
         "format_version": FORMAT_VERSION,
-        "tokenizer": TOKENIZER_NAME,
-        "vocab_size": VOCAB_SIZE,
-        "eos_id": EOS_ID,
+        "tokenizer": tokenizer,
+        "vocab_size": int(vocab_size),
+        "eos_id": eos_id,
         "seq_len": int(seq_len),
         "dtype": dtype_name,
         "column": "tokens",
         "source": source,
-        "documents": len(documents),
+        "documents": len(token_docs),
         "split": {"seed": int(split_seed), "val_fraction": float(val_fraction), "method": SPLIT_METHOD},
         "splits": splits,
+        **(extra_manifest or {}),
     }
     tmp = out / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     tmp.replace(out / MANIFEST_NAME)
-    log(f"wrote {out} in {time.perf_counter() - t0:.2f}s (tokenize {t_tok:.2f}s)")
+    log(f"wrote {out} in {time.perf_counter() - t0:.2f}s")
     return manifest
 
 
