@@ -301,9 +301,11 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _require(0 < d.geometric_bmin < d.geometric_bmax, source, "diffusion.geometric_bmin",
              "need 0 < geometric_bmin < geometric_bmax")
     _require(d.prime_l >= 1, source, "diffusion.prime_l", f"must be >= 1, got {d.prime_l}")
-    _require(d.kind == "md4", source, "diffusion.kind",
-             f"{d.kind!r}: the training engine trains md4 only so far (GenMD4 and Prime exist in "
-             "model/diffusion/ as library code and are not wired into launcher/train.py yet)")
+    _require(d.kind != "prime" or m.position_embedding == "rope", source, "model.position_embedding",
+             f"{m.position_embedding!r}: Prime's sub-token embedding is used with rope positions")
+    _require(d.kind != "genmd4" or p.pipeline_parallel == 1, source, "diffusion.kind",
+             "genmd4 with parallel.pipeline_parallel > 1: the learned schedule w is used on the first stage "
+             "(masking) and the last (loss); keeping the two copies in sync is not implemented")
     _require(d.kind != "prime" or m.hidden_size % d.prime_l == 0, source, "diffusion.prime_l",
              f"model.hidden_size={m.hidden_size} is not divisible by prime_l={d.prime_l} (sub-embeddings are concatenated)")
     _require(0.0 < d.genmd4_t1 < 1.0, source, "diffusion.genmd4_t1", f"must be in (0, 1), got {d.genmd4_t1}")

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from launcher.config import Config, load_config, validate_world
-from model.diffusion import antithetic_times, continuous_loss_from_nll, corrupt, make_schedule
+from model.diffusion import antithetic_times
+from model.objectives import bound_summary, heldout_nelbo, make_objective, row_noise  # noqa: F401
 
 LN2 = math.log(2.0)
 
@@ -40,8 +41,10 @@ def _mix(*parts: int) -> int:
 
 
 def step_noise(seed: int, step: int, sample_ids: list[int], global_batch: int, seq_len: int,
-               antithetic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """t [B] and uniform noise [B, N] for the given global sample indices of one optimizer step."""
+               antithetic: bool = True, streams: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """u [B] in [0, 1) and uniform noise [B, N] (streams == 1) or [B, streams, N] for the given global
+    sample indices of one optimizer step. The objective maps u to its time t. Held-out noise is keyed
+    by row content instead: model.objectives.row_noise."""
     g = torch.Generator().manual_seed(_mix(seed, step, -1))
     u = torch.rand((), generator=g, dtype=torch.float64)
     idx = torch.tensor(sample_ids)
@@ -50,23 +53,13 @@ def step_noise(seed: int, step: int, sample_ids: list[int], global_batch: int, s
     else:
         t = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(_mix(seed, step, i, -2)),
                                     dtype=torch.float64) for i in sample_ids])
-    noise = torch.stack([torch.rand(seq_len, generator=torch.Generator().manual_seed(_mix(seed, step, i)),
-                                    dtype=torch.float64) for i in sample_ids])
-    return t, noise
 
+    def stream(i: int, k: int) -> torch.Tensor:
+        key = _mix(seed, step, i) if k == 0 else _mix(seed, step, i, k)
+        return torch.rand(seq_len, generator=torch.Generator().manual_seed(key), dtype=torch.float64)
 
-def row_noise(rows: torch.Tensor, draw: int, num_draws: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out noise keyed by each row's content: evaluation is identical under any layout/order.
-    The K draws of one row use antithetic times (u + k/K) mod 1."""
-    ts, noises = [], []
-    for row in rows:
-        digest = hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=8, key=seed.to_bytes(8, "little")).digest()
-        base = int.from_bytes(digest, "little") & ((1 << 62) - 1)
-        u = torch.rand((), generator=torch.Generator().manual_seed(base), dtype=torch.float64)
-        ts.append(torch.remainder(u + draw / num_draws, 1.0))
-        noises.append(torch.rand(row.numel(), generator=torch.Generator().manual_seed(base + 1 + draw),
-                                 dtype=torch.float64))
-    return torch.stack(ts), torch.stack(noises)
+    noise = torch.stack([torch.stack([stream(i, k) for k in range(streams)]) for i in sample_ids])
+    return t, (noise[:, 0] if streams == 1 else noise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,9 +184,8 @@ class Trainer:
         validate_world(cfg, info.world_size, str(self.run_dir / "config.yaml"))
         check_manifest(cfg.data.path, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
                        vocab_size=cfg.model.vocab_size)
-        self.schedule = make_schedule(cfg.diffusion.schedule, eps=cfg.diffusion.eps,
-                                      **self._schedule_params())
-        model = build_denoiser(cfg.model)
+        model = build_denoiser(cfg.model, diffusion_cfg=cfg.diffusion)
+        self.objective = make_objective(cfg, model)
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -221,14 +213,6 @@ class Trainer:
         from launcher.preemption import PreemptionHandler
 
         self.preemption = PreemptionHandler().install()
-
-    def _schedule_params(self) -> dict:
-        d = self.cfg.diffusion
-        if d.schedule == "polynomial":
-            return {"k": d.poly_exponent}
-        if d.schedule == "geometric":
-            return {"bmin": d.geometric_bmin, "bmax": d.geometric_bmax}
-        return {}
 
     def _resume(self):
         from launcher import checkpoint
@@ -275,15 +259,15 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     # ----- one optimizer step -------------------------------------------------------------------
-    def micro_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Per-sequence negative ELBO in nats."""
-        cfg = self.cfg
-        x0 = x0.to(self.info.device)
-        xt, masked = corrupt(x0, t, noise, self.schedule, mask_id=cfg.model.vocab_size)
-        with autocast_ctx(cfg, self.info.device):
-            nll = self.engine(xt, labels=x0, loss_mask=masked)
-        return continuous_loss_from_nll(nll.float(), masked.to(nll.device), t.to(nll.device), self.schedule,
-                                        cfg.model.vocab_size)
+    def forward(self, **inputs):
+        """The denoiser under the configured autocast (the objective's reductions stay fp32)."""
+        with autocast_ctx(self.cfg, self.info.device):
+            return self.engine(**inputs)
+
+    def micro_loss(self, x0: torch.Tensor, u: torch.Tensor, noise: torch.Tensor,
+                   train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to differentiate, negative-ELBO estimate), per sequence in nats."""
+        return self.objective.loss(self.forward, x0.to(self.info.device), u, noise, train)
 
     def train_step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step. Returns (loss in nats/token averaged over data-parallel ranks, seconds
@@ -300,13 +284,16 @@ class Trainer:
             x0 = next(batches)
             wait += time.time() - t0
             base = (m * info.dp_size + info.dp_rank) * mb
-            t, noise = step_noise(cfg.run.seed, self.step, list(range(base, base + x0.shape[0])),
-                                  cfg.optim.global_batch_size, n, cfg.diffusion.antithetic)
-            per_seq = self.micro_loss(x0, t, noise)
-            loss = per_seq.mean() / n               # nats per token
+            u, noise = step_noise(cfg.run.seed, self.step, list(range(base, base + x0.shape[0])),
+                                  cfg.optim.global_batch_size, n, cfg.diffusion.antithetic,
+                                  streams=self.objective.noise_streams(train=True))
+            if noise.dim() == 2:
+                noise = noise[:, None]
+            train_loss, nelbo = self.micro_loss(x0, u, noise)
+            loss = train_loss.mean() / n            # nats per token
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.item()
+            total += nelbo.mean().item() / n
         applied = self.engine.skipped_steps == skipped_before
         stats = torch.tensor([total / self.gas, wait], dtype=torch.float64)
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
@@ -330,31 +317,20 @@ class Trainer:
                 break
             if x0.shape[0] == 0:   # a rank with one row fewer; its tensor/pipeline peers skip it too
                 continue
-            per_row = torch.zeros(x0.shape[0], dtype=torch.float64)
-            for k in range(k_draws):
-                t, noise = row_noise(x0, k, k_draws, cfg.run.seed)
-                per_row += self.micro_loss(x0, t, noise).double().cpu()
-            per_row /= k_draws
+            per_row = heldout_nelbo(self.forward, self.objective, x0.to(self.info.device), k_draws, cfg.run.seed)
             sums += torch.stack([per_row.sum(), (per_row ** 2).sum(), torch.tensor(float(x0.shape[0]))])
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         if swapped is not None:
             self.ema.swap_out(self.engine.module, swapped)
         self.engine.train()
-        total, sq, rows = sums.tolist()
-        rows = max(rows, 1.0)
-        mean = total / rows
-        var = max(sq / rows - mean ** 2, 0.0)
-        stderr_nats = math.sqrt(var / rows)
-        return {"bits_per_token": mean / (n * LN2), "ppl_bound": math.exp(mean / n),
-                "stderr_bits_per_token": stderr_nats / (n * LN2), "rows": int(rows),
-                "tokens": int(rows) * n, "eval_draws": k_draws}
+        return bound_summary(sums, n, k_draws)
 
     # ----- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_text(self) -> str:
-        from data_pipeline.tokenizer import gpt2_encoding
+    def sample_text(self) -> tuple[str, dict]:
+        from data_pipeline.tokenizer import get_encoding
         from model.denoiser import gather_logits
-        from model.diffusion.samplers import sample
+        from model.objectives import draw_samples
 
         cfg = self.cfg
         self.engine.eval()
@@ -362,16 +338,17 @@ class Trainer:
 
         def denoiser(ids: torch.Tensor, t=None) -> torch.Tensor:
             with autocast_ctx(cfg, self.info.device):
-                return gather_logits(module(ids.to(self.info.device)), cfg.model.vocab_size).float()
+                return gather_logits(module(input_ids=ids.to(self.info.device)), cfg.model.vocab_size).float()
 
         g = torch.Generator().manual_seed(cfg.run.seed)
         sc = cfg.sampler
-        tokens, stats = sample(denoiser, batch_size=1, seq_len=cfg.model.seq_len, mask_id=cfg.model.vocab_size,
-                               vocab_size=cfg.model.vocab_size, schedule=self.schedule, steps=sc.steps,
-                               grid=sc.grid, top_p=sc.top_p, temperature=sc.temperature,
-                               use_cache=sc.use_cache, generator=g)
+        tokens, stats = draw_samples(self.objective, denoiser, 1, cfg.model.seq_len, steps=sc.steps, grid=sc.grid,
+                                     top_p=sc.top_p, temperature=sc.temperature, use_cache=sc.use_cache, generator=g)
         self.engine.train()
-        text = gpt2_encoding().decode(tokens[0].tolist())
+        try:
+            text = get_encoding(cfg.data.tokenizer).decode(tokens[0].tolist())
+        except ValueError:        # a tokenizer without a text decoder (synthetic ids): show the ids
+            text = " ".join(map(str, tokens[0].tolist()))
         if self.writer is not None:
             self.writer.add_text("samples/unconditional", text, self.step)
         return text, stats
@@ -416,6 +393,11 @@ class Trainer:
                        "tokens_per_s": tps, "tokens_seen": self.tokens_seen, "data_wait_s": wait_since / steps_since,
                        "tflops_per_device": achieved / 1e12, "peak_memory_gb": peak_memory_gb(),
                        "skipped_steps": self.engine.skipped_steps}
+                if self.objective.kind == "genmd4":       # the learned schedule's spread
+                    w = self.objective._schedule().w.detach()
+                    rec.update(genmd4_w_min=w.min().item(), genmd4_w_max=w.max().item())
+                    self.scalar("genmd4/w_min", rec["genmd4_w_min"])
+                    self.scalar("genmd4/w_max", rec["genmd4_w_max"])
                 if self.peak_flops:
                     rec["mfu"] = achieved / self.peak_flops
                     self.scalar("perf/mfu", rec["mfu"])

@@ -1,12 +1,16 @@
 """The denoiser: a bidirectional transformer over V real tokens plus a mask token, built from megatron-core.
 
-Input vocabulary: V + 1 ids (the mask id is V), padded to a multiple of make_vocab_size_divisible_by * TP.
-Output classes: exactly the V real tokens (the mask is never predicted), padded to a multiple of TP; padded
+Input vocabulary: V + 1 ids (the mask id is V), padded to a multiple of lcm(make_vocab_size_divisible_by, TP).
+Output classes: exactly the V real tokens (the mask is never predicted), padded likewise; padded
 classes get logit -inf, so the model's distribution is over the V real tokens at any TP size.
 
 forward(input_ids [b, s], labels [b, s]) -> per-token NLL [b, s] float32, computed vocab-parallel (full
 logits are never gathered in training); forward(input_ids) -> vocab-parallel logits [b, s, V_out / TP];
 `gather_logits` turns those into full [b, s, V] for sampling and evaluation.
+
+Variants (model/diffusion/ holds their math): Prime replaces the input embedding by the sub-token
+embedding (input_ids are digits [b, s, l]; output logits stay over the V tokens); GenMD4 registers its
+learned schedule `genmd4_schedule` (w = softplus(raw)) so it trains and checkpoints with the network.
 
 Pipeline parallelism: a stage built with pre_process=False takes its input from `set_input_tensor` (megatron's
 schedules call it) and ignores input_ids; a stage with post_process=False returns hidden states [s, b, h].
@@ -16,6 +20,7 @@ The denoiser knows nothing about which diffusion it serves (model/diffusion/ hol
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional
 
 import torch
@@ -53,7 +58,7 @@ class MaskedDiffusionTransformer(MegatronModule):
     def __init__(self, config: TransformerConfig, *, vocab_size: int, max_sequence_length: int,
                  position_embedding: str = "rope", zero_init_output: bool = True,
                  make_vocab_size_divisible_by: int = 128, pre_process: bool = True,
-                 post_process: bool = True):
+                 post_process: bool = True, prime_l: int = 0, genmd4: Optional[tuple[float, float]] = None):
         super().__init__(config=config)
         if position_embedding not in ("rope", "learned"):
             raise ValueError(f"position_embedding must be 'rope' or 'learned', got {position_embedding!r}")
@@ -61,15 +66,27 @@ class MaskedDiffusionTransformer(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder   # read by megatron's pipeline schedules
         self.vocab_size = vocab_size                     # V real tokens
         self.mask_id = vocab_size
-        self.input_vocab_size = _round_up(vocab_size + 1, make_vocab_size_divisible_by * tp)
-        self.output_vocab_size = _round_up(vocab_size, tp)
+        # Padding that does not depend on TP (for TP dividing make_vocab_size_divisible_by): the same
+        # shapes, hence the same random initialisation and checkpoints, under every layout.
+        pad_to = math.lcm(make_vocab_size_divisible_by, tp)
+        self.input_vocab_size = _round_up(vocab_size + 1, pad_to)
+        self.output_vocab_size = _round_up(vocab_size, pad_to)
         self.max_sequence_length = max_sequence_length
         self.position_embedding = position_embedding
         self.pre_process = pre_process
         self.post_process = post_process
         pgs = ProcessGroupCollection.use_mpu_process_groups()   # megatron's parallel_state groups
 
-        if pre_process:
+        self.prime_l = prime_l
+        if prime_l and position_embedding != "rope":
+            raise ValueError("Prime's sub-token embedding needs position_embedding='rope'")
+        if pre_process and prime_l:
+            # Prime: l digits of base b per position, sub-embeddings concatenated (replicated over TP:
+            # the table has only b + 1 rows)
+            from model.diffusion.prime import SubTokenEmbedding, prime_base
+            self.subtoken_embedding = SubTokenEmbedding(prime_base(vocab_size, prime_l), prime_l,
+                                                        config.hidden_size, init_std=config.init_method_std)
+        elif pre_process:
             self.embedding = LanguageModelEmbedding(
                 config=config, vocab_size=self.input_vocab_size, max_sequence_length=max_sequence_length,
                 position_embedding_type="rope" if position_embedding == "rope" else "learned_absolute",
@@ -88,6 +105,10 @@ class MaskedDiffusionTransformer(MegatronModule):
             if zero_init_output:
                 with torch.no_grad():
                     self.output_layer.weight.zero_()
+        if genmd4 is not None:
+            # GenMD4's learned schedule w (one entry per token value) trains with the network; replicated
+            from model.diffusion.genmd4 import GenMD4Schedule
+            self.genmd4_schedule = GenMD4Schedule(vocab_size, eps=genmd4[0], t1=genmd4[1])
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by megatron's pipeline schedules with the previous stage's output (or [None])."""
@@ -112,7 +133,11 @@ class MaskedDiffusionTransformer(MegatronModule):
         loss_mask [b, s] bool (with labels): the output layer and cross-entropy run only where it is True
         (the masked positions, the only ones a masked-diffusion loss reads); the NLL is 0 elsewhere. The
         vocabulary projection dominates small models, so this halves their step time on average."""
-        if self.pre_process:
+        if self.pre_process and self.prime_l:
+            b, s = input_ids.shape[:2]                     # digits [b, s, l]
+            hidden = self.subtoken_embedding(input_ids).transpose(0, 1).contiguous()   # [s, b, h]
+            hidden = torch.nn.functional.dropout(hidden, p=self.config.hidden_dropout, training=self.training)
+        elif self.pre_process:
             b, s = input_ids.shape
             position_ids = None
             if self.position_embedding == "learned":
@@ -157,13 +182,13 @@ def gather_logits(logits: Tensor, vocab_size: Optional[int] = None) -> Tensor:
     rank. For sampling and evaluation; training never needs it.
 
     Without `vocab_size` the padded classes are recognised as what the model makes them: the trailing
-    columns (fewer than TP of them) that are -inf everywhere."""
+    columns that are -inf everywhere."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp > 1:
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
     if vocab_size is None:
         vocab_size = logits.size(-1)
-        while vocab_size > logits.size(-1) - (tp - 1) and torch.isneginf(logits[..., vocab_size - 1]).all():
+        while vocab_size > 1 and torch.isneginf(logits[..., vocab_size - 1]).all():
             vocab_size -= 1
     return logits[..., :vocab_size]
 
@@ -191,11 +216,14 @@ def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32) 
 
 
 def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_process: bool = True,
-                   post_process: bool = True) -> MaskedDiffusionTransformer:
+                   post_process: bool = True, diffusion_cfg=None) -> MaskedDiffusionTransformer:
     """The denoiser for `model_cfg` (launcher.config.ModelConfig), one pipeline stage of it under PP.
 
     Needs megatron's parallel_state initialised (launcher.megatron_cpu.init_model_parallel). For PP pass
-    pre_process=parallel_state.is_pipeline_first_stage(), post_process=...is_pipeline_last_stage()."""
+    pre_process=parallel_state.is_pipeline_first_stage(), post_process=...is_pipeline_last_stage().
+    diffusion_cfg (launcher.config.DiffusionConfig) selects Prime's sub-token input (kind prime) or
+    GenMD4's learned schedule w (kind genmd4); None or md4: the token denoiser."""
+    kind = getattr(diffusion_cfg, "kind", "md4")
     if model_cfg.time_conditioning != "none":
         raise NotImplementedError(f"time_conditioning={model_cfg.time_conditioning!r}")
     return MaskedDiffusionTransformer(
@@ -203,4 +231,6 @@ def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_
         vocab_size=model_cfg.vocab_size, max_sequence_length=model_cfg.seq_len,
         position_embedding=model_cfg.position_embedding, zero_init_output=model_cfg.zero_init_output,
         make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,
-        pre_process=pre_process, post_process=post_process)
+        pre_process=pre_process, post_process=post_process,
+        prime_l=diffusion_cfg.prime_l if kind == "prime" else 0,
+        genmd4=(diffusion_cfg.eps, diffusion_cfg.genmd4_t1) if kind == "genmd4" else None)

@@ -79,7 +79,7 @@ def test_bad_override_names_the_key(tmp_path):
     ({"parallel": {"zero_stage": 5}}, "parallel.zero_stage"),
     ({"parallel": {"zero_stage": 3}}, "parallel.zero_stage"),
     ({"parallel": {"pipeline_parallel": 2}, "model": {"num_layers": 4}}, "parallel.pipeline_parallel"),
-    ({"diffusion": {"kind": "prime"}}, "diffusion.kind"),
+    ({"diffusion": {"kind": "genmd4"}, "parallel": {"pipeline_parallel": 2}}, "diffusion.kind"),
     ({"optim": {"ema_decay": 1.0}}, "optim.ema_decay"),
     ({"diffusion": {"eps": 0.7}}, "diffusion.eps"),
     ({"optim": {"lr": -1.0}}, "optim.lr"),

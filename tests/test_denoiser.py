@@ -84,7 +84,7 @@ def test_attention_is_bidirectional_last_token_changes_first_position():
     x2 = x.clone()
     x2[0, -1] = (x[0, -1] + 1) % VOCAB
     with torch.no_grad():
-        first, second = model(x)[0, 0], model(x2)[0, 0]
+        first, second = model(x)[0, 0, :VOCAB], model(x2)[0, 0, :VOCAB]
     assert (first - second).abs().max() > 1e-4
 
 
@@ -143,10 +143,12 @@ def test_tp2_matches_tp1_nll_and_gradients():
     for r in ranks:
         for got, want in zip(r["nll"], ref_nll):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    # padded output class (id 101 lives on rank 1): -inf, never wins, no gradient
-    assert ranks[0]["local_logits"].shape[-1] == 51 and ranks[1]["local_logits"].shape[-1] == 51
-    assert torch.isneginf(ranks[1]["local_logits"][..., -1]).all()
-    assert ranks[1]["output_grad"][-1].abs().max() == 0
+    # padded output classes (ids 101..127, on rank 1; the padding does not depend on TP): -inf, never
+    # win, no gradient
+    assert ranks[0]["local_logits"].shape[-1] == 64 and ranks[1]["local_logits"].shape[-1] == 64
+    assert torch.isneginf(ranks[1]["local_logits"][..., VOCAB - 64:]).all()
+    assert torch.isfinite(ranks[1]["local_logits"][..., :VOCAB - 64]).all()
+    assert ranks[1]["output_grad"][VOCAB - 64:].abs().max() == 0
     assert ranks[0]["full_logits"].shape == (2, SEQ, VOCAB)
     torch.testing.assert_close(ranks[0]["full_logits"], ranks[1]["full_logits"])
 

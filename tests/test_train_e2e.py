@@ -33,8 +33,8 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def submit(tmp_path, data_dir, *overrides, check=True):
-    cmd = [PY, str(REPO / "launcher" / "submit.py"), "--local", "2", str(REPO / "configs" / "md4_tiny.yaml"),
+def submit(tmp_path, data_dir, *overrides, check=True, procs=2):
+    cmd = [PY, str(REPO / "launcher" / "submit.py"), "--local", str(procs), str(REPO / "configs" / "md4_tiny.yaml"),
            f"data.path={data_dir}", f"run.output_dir={tmp_path / 'runs'}", *TINY, *overrides]
     out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
     if check and out.returncode != 0:

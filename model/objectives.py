@@ -1,0 +1,308 @@
+"""What the engine optimises and evaluates, per diffusion kind: MD4, GenMD4 and Prime as `Objective`s.
+
+An objective turns clean rows x0 [B, N] plus per-row randomness (u [B] in [0, 1), uniform noise
+[B, S, N]) into the denoiser's inputs, and the denoiser's output back into per-sequence losses:
+
+    inputs, ctx = objective.prepare(x0, u, noise, train=True)     # dict of model kwargs
+    out = model(**inputs)
+    train_loss, nelbo = objective.finish(out, ctx)                # [B] each, nats per sequence
+
+`train_loss` is what is differentiated (GenMD4: the REINFORCE leave-one-out surrogate), `nelbo` the
+negative-ELBO estimate (a valid upper bound on -log p(x0) in expectation). The split into prepare /
+finish is what pipeline parallelism needs: prepare runs where the batch is, finish on the last stage.
+
+The math lives in model/diffusion/; the only parallel knowledge here is the optional tensor-parallel
+`group` and the column offset of this rank's vocabulary slice, which vocab-parallel logits need
+(Prime's carry-over filter and digit marginals, GenMD4's sum_j w_j mu_j). Outside megatron (plain
+single-process models) both are None / 0.
+
+Noise layout: S = objective.noise_streams(train) streams of [N] uniforms per row:
+    md4:    1 (the token masks)
+    prime:  l (one per sub-token position: noise[:, j, n] masks digit j of token n)
+    genmd4: train 4 (masks of two draws at t, and two at t1 for the reconstruction), eval 2.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Callable
+
+import torch
+
+from model.diffusion.md4 import (continuous_loss_from_nll, corrupt, discrete_loss_from_nll, discrete_steps)
+from model.diffusion.schedules import Schedule, make_schedule
+
+
+def _vocab_group():
+    """(tensor-parallel group or None, rank in it) when megatron's parallel state is up with TP > 1."""
+    try:
+        from megatron.core import parallel_state as ps
+    except ImportError:   # pragma: no cover - megatron is a dependency
+        return None, 0
+    if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
+        return None, 0
+    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
+
+
+class Objective:
+    kind = "base"
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.mask_id = vocab_size
+
+    def noise_streams(self, train: bool) -> int:
+        return 1
+
+    def prepare(self, x0, u, noise, train: bool = True):
+        raise NotImplementedError
+
+    def finish(self, out, ctx):
+        raise NotImplementedError
+
+    def loss(self, forward: Callable, x0, u, noise, train: bool = True):
+        inputs, ctx = self.prepare(x0, u, noise, train)
+        return self.finish(forward(**inputs), ctx)
+
+
+class MD4Objective(Objective):
+    """MD4 with a fixed schedule; the model returns per-token NLL at the masked positions only."""
+    kind = "md4"
+
+    def __init__(self, vocab_size: int, schedule: Schedule, steps: int | None = None):
+        super().__init__(vocab_size)
+        self.schedule, self.steps = schedule, steps
+
+    def prepare(self, x0, u, noise, train=True):
+        u = u.to(torch.float64)
+        if self.steps is not None:     # discrete time: i ~ U{1..T}, t(i) = i / T
+            i = discrete_steps(u, self.steps)
+            t = i.to(torch.float64) / self.steps
+        else:
+            i, t = None, u
+        xt, masked = corrupt(x0, t.to(x0.device), noise[:, 0].to(x0.device), self.schedule, mask_id=self.mask_id)
+        return {"input_ids": xt, "labels": x0, "loss_mask": masked}, (masked, t, i)
+
+    def finish(self, nll, ctx):
+        masked, t, i = ctx
+        masked = masked.to(nll.device)
+        if self.steps is not None:
+            loss = discrete_loss_from_nll(nll.float(), masked, i.to(nll.device), self.steps, self.schedule,
+                                          self.vocab_size)
+        else:
+            loss = continuous_loss_from_nll(nll.float(), masked, t.to(nll.device), self.schedule, self.vocab_size)
+        return loss, loss.detach()
+
+
+class PrimeObjective(Objective):
+    """Prime (l sub-tokens per token): the valid bound is MD4's on the sub-tokens, with the digit
+    marginals of the carry-over-filtered token distribution as the sub-token denoiser."""
+    kind = "prime"
+
+    def __init__(self, vocab_size: int, schedule: Schedule, l: int):
+        from model.diffusion.prime import prime_base
+        super().__init__(vocab_size)
+        self.schedule, self.l = schedule, l
+        self.b = prime_base(vocab_size, l)
+
+    def noise_streams(self, train: bool) -> int:
+        return self.l
+
+    def prepare(self, x0, u, noise, train=True):
+        from model.diffusion.prime import corrupt_subtokens, token_digits
+        y0 = token_digits(x0, self.b, self.l)                                  # [B, N, l]
+        t = u.to(torch.float64)
+        y_t, masked = corrupt_subtokens(y0, t.to(x0.device), noise.transpose(1, 2).to(x0.device), self.schedule,
+                                        self.b)
+        return {"input_ids": y_t}, (y_t, y0, masked, t)
+
+    def finish(self, logits, ctx):
+        from model.diffusion.prime import digit_nll, prime_loss_from_digit_nll
+        y_t, y0, masked, t = ctx
+        group, rank = _vocab_group()
+        dev = logits.device
+        nll = digit_nll(logits, y_t.to(dev), y0.to(dev), self.b, self.vocab_size,
+                        vocab_start=rank * logits.shape[-1], group=group)
+        loss = prime_loss_from_digit_nll(nll, masked.to(dev), t.to(dev), self.schedule, self.b)
+        return loss, loss.detach()
+
+
+class GenMD4Objective(Objective):
+    """GenMD4: learned per-token-value schedule w (the model's `genmd4_schedule`), t in [t1, 1],
+    reconstruction at t1, REINFORCE leave-one-out over two draws for the gradient w.r.t. w.
+    Vocab-parallel: mu's normaliser and sum_j w_j mu_j are reduced over the tensor-parallel group."""
+    kind = "genmd4"
+
+    def __init__(self, vocab_size: int, schedule_module_fn: Callable):
+        super().__init__(vocab_size)
+        self._schedule = schedule_module_fn            # () -> GenMD4Schedule (the model's, trained with it)
+
+    def noise_streams(self, train: bool) -> int:
+        return 4 if train else 2
+
+    def prepare(self, x0, u, noise, train=True):
+        sched = self._schedule()
+        B = x0.shape[0]
+        t = sched.times(u.to(torch.float64)).to(x0.device)
+        t1 = torch.full_like(t, sched.t1)
+        draws = 2 if train else 1
+        ids, masks, times = [], [], []
+        for d in range(draws):
+            for k, tt in ((d, t), (draws + d, t1)):
+                xt, m = sched.corrupt(x0, tt, noise[:, k].to(x0.device), self.mask_id)
+                ids.append(xt), masks.append(m), times.append(tt)
+        # one forward over [2*draws*B, N]: per draw the rows at t, then at t1
+        return {"input_ids": torch.cat(ids)}, (x0, masks, times, draws, B)
+
+    def finish(self, logits, ctx):
+        from model.diffusion.genmd4 import reinforce_loo
+        x0, masks, times, draws, B = ctx
+        sched = self._schedule()
+        dev = logits.device
+        x0 = x0.to(dev)
+        group, rank = _vocab_group()
+        vocab_start = rank * logits.shape[-1]
+        w = sched.w
+        nll, expected_w = _vocab_parallel_nll_and_mean(logits.float(), torch.cat([x0] * (2 * draws)), w,
+                                                        vocab_start, self.vocab_size, group)
+        per_draw = []
+        for d in range(draws):
+            k_t, k_r = 2 * d, 2 * d + 1
+            sl_t, sl_r = slice(k_t * B, (k_t + 1) * B), slice(k_r * B, (k_r + 1) * B)
+            m_t, m_r = masks[k_t].to(dev), masks[k_r].to(dev)
+            t = times[k_t].to(dev)
+            wi = w[x0]
+            per_tok = (expected_w[sl_t] - wi + wi * nll[sl_t]) / t.to(nll.dtype)[:, None]
+            L = (1.0 - sched.t1) * (per_tok * m_t.to(per_tok.dtype)).sum(1)
+            L = L + (nll[sl_r] * m_r.to(nll.dtype)).sum(1)
+            log_q = sched.log_q(x0, m_t, t) + sched.log_q(x0, m_r, times[k_r].to(dev))
+            per_draw.append((L, log_q))
+        if draws == 1:
+            L = per_draw[0][0]
+            return L, L.detach()
+        (L1, q1), (L2, q2) = per_draw
+        return reinforce_loo(L1, L2, q1, q2), (0.5 * (L1 + L2)).detach()
+
+
+def _vocab_parallel_nll_and_mean(logits, labels, w, vocab_start: int, vocab_size: int, group):
+    """logits [R, N, V_local] (this rank's columns), labels [R, N] -> (-log mu[label] [R, N],
+    sum_j w_j mu_j [R, N]) with mu = softmax over all V real classes across the group."""
+    from model.diffusion.prime import _finite_or_zero, _max_across, _sum_across, _use_on_every_rank
+    V_local = logits.shape[-1]
+    ids = torch.arange(vocab_start, vocab_start + V_local, device=logits.device)
+    valid = ids < vocab_size
+    z = logits.masked_fill(~valid, float("-inf"))
+    m = _finite_or_zero(_max_across(z.amax(-1, keepdim=True), group))
+    e = torch.exp(z - m)
+    s = _sum_across(e.sum(-1, keepdim=True), group)
+    log_s = torch.log(s)          # replicated from here on: every rank computes the same nll
+    # the label's logit lives on one rank: pick it there, sum across ranks
+    local = (labels >= vocab_start) & (labels < vocab_start + V_local)
+    idx = (labels - vocab_start).clamp(0, V_local - 1)
+    picked = torch.where(local, z.gather(-1, idx[..., None]).squeeze(-1), torch.zeros_like(m[..., 0]))
+    picked = _sum_across(picked, group)
+    nll = (m[..., 0] + log_s[..., 0]) - picked
+    # w is replicated but only this rank's columns meet it here: its gradient is summed over the group
+    w_local = _use_on_every_rank(w, group)[vocab_start:vocab_start + V_local].to(e.dtype)
+    w_local = torch.where(valid, w_local if w_local.shape[0] == V_local else
+                          torch.nn.functional.pad(w_local, (0, V_local - w_local.shape[0])), 0.0)
+    mean_w = _sum_across((e * w_local).sum(-1), group) / s[..., 0]
+    return nll, mean_w
+
+
+def make_objective(cfg, model=None, steps: int | None = None) -> Objective:
+    """The objective of a resolved config (launcher.config.Config). GenMD4 needs the model, whose
+    `genmd4_schedule` holds the learned w. steps=T: MD4's discrete-time bound (MD4 only)."""
+    d = cfg.diffusion
+    V = cfg.model.vocab_size
+    params = {}
+    if d.schedule == "polynomial":
+        params = {"k": d.poly_exponent}
+    elif d.schedule == "geometric":
+        params = {"bmin": d.geometric_bmin, "bmax": d.geometric_bmax}
+    if steps is not None and d.kind != "md4":
+        raise ValueError(f"the discrete-time bound (steps={steps}) exists for diffusion.kind md4 only, not {d.kind!r}")
+    if d.kind == "md4":
+        return MD4Objective(V, make_schedule(d.schedule, eps=d.eps, **params), steps)
+    if d.kind == "prime":
+        return PrimeObjective(V, make_schedule(d.schedule, eps=d.eps, **params), d.prime_l)
+    if d.kind == "genmd4":
+        if model is None:
+            raise ValueError("GenMD4's objective needs the model (its genmd4_schedule holds w)")
+        return GenMD4Objective(V, lambda: _find_genmd4(model))
+    raise ValueError(f"diffusion.kind {d.kind!r} unknown")
+
+
+def _find_genmd4(model):
+    m = model
+    while not hasattr(m, "genmd4_schedule") and hasattr(m, "module"):
+        m = m.module
+    return m.genmd4_schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out bound: noise keyed by each row's content, so it does not depend on batch order, batch
+# size or parallel layout. Training-time evaluation and launcher/evaluate.py both use it.
+# ---------------------------------------------------------------------------------------------
+
+def row_noise(rows: torch.Tensor, draw: int, num_draws: int, seed: int, streams: int = 1):
+    """u [B] (the K draws of a row use antithetic (u + k/K) mod 1) and noise [B, streams, N]."""
+    us, noises = [], []
+    for row in rows:
+        digest = hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=8, key=seed.to_bytes(8, "little")).digest()
+        base = int.from_bytes(digest, "little") & ((1 << 62) - 1)
+        u = torch.rand((), generator=torch.Generator().manual_seed(base), dtype=torch.float64)
+        us.append(torch.remainder(u + draw / num_draws, 1.0))
+        g = torch.Generator().manual_seed(base + 1 + draw)
+        noises.append(torch.rand(streams, row.numel(), generator=g, dtype=torch.float64))
+    return torch.stack(us), torch.stack(noises)
+
+
+@torch.no_grad()
+def heldout_nelbo(forward: Callable, objective: Objective, x0: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+    """Per-row negative ELBO in nats [B] float64, averaged over K = draws antithetic draws."""
+    per_row = torch.zeros(x0.shape[0], dtype=torch.float64)
+    streams = objective.noise_streams(train=False)
+    for k in range(draws):
+        u, noise = row_noise(x0, k, draws, seed, streams)
+        _, nelbo = objective.loss(forward, x0, u, noise, train=False)
+        per_row += nelbo.double().cpu()
+    return per_row / draws
+
+
+def bound_summary(sums: torch.Tensor, seq_len: int, draws: int) -> dict:
+    """[sum of per-row nats, sum of squares, rows] -> bits/token, perplexity bound, standard error."""
+    total, sq, rows = (float(v) for v in sums.tolist())
+    rows = max(rows, 1.0)
+    mean = total / rows
+    var = max(sq / rows - mean ** 2, 0.0)
+    ln2 = math.log(2.0)
+    return {"bits_per_token": mean / (seq_len * ln2), "ppl_bound": math.exp(mean / seq_len),
+            "stderr_bits_per_token": math.sqrt(var / rows) / (seq_len * ln2), "rows": int(rows),
+            "tokens": int(rows) * seq_len, "eval_draws": draws}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: each kind's ancestral sampler (model/diffusion/samplers.py) from a full-logits denoiser.
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def draw_samples(objective: Objective, denoiser: Callable, batch_size: int, seq_len: int, *, steps: int = 128,
+                 grid: str = "cosine", top_p: float | None = None, temperature: float = 1.0,
+                 use_cache: bool = True, given: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None):
+    """denoiser(ids) -> full logits [B, N, V] (ids are digits [B, N, l] for Prime). Returns (tokens [B, N],
+    {'network_calls', 'steps'}). `given` [B, N] holds fixed tokens (prefix / infill), mask_id elsewhere."""
+    from model.diffusion import samplers
+    kw = dict(steps=steps, grid=grid, top_p=top_p, temperature=temperature, use_cache=use_cache,
+              generator=generator, time_conditioned=False)
+    if objective.kind == "md4":
+        return samplers.sample(denoiser, batch_size, seq_len, objective.mask_id, objective.vocab_size,
+                               objective.schedule, given=given, **kw)
+    if objective.kind == "genmd4":
+        return samplers.sample_genmd4(denoiser, batch_size, seq_len, objective.mask_id, objective._schedule(),
+                                      given=given, **kw)
+    if objective.kind == "prime":
+        return samplers.sample_prime(denoiser, batch_size, seq_len, objective.vocab_size, objective.l,
+                                     objective.schedule, given=given, **kw)
+    raise ValueError(f"no sampler for {objective.kind!r}")

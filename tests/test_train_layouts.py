@@ -1,0 +1,57 @@
+"""Layouts and diffusion kinds through the real CLI (launcher/submit.py --local N): the loss curve and the
+gradient norms of a few optimizer steps are the same function of the data whatever the layout, because
+the noise of every sample is keyed by (seed, step, global sample index). fp32 so that only the reduction
+order differs between layouts."""
+import json
+
+import pytest
+
+from test_train_e2e import data_dir, submit  # noqa: F401  (data_dir is a fixture)
+
+STEPS = ["optim.train_steps=4", "parallel.precision=fp32", "logging.eval_batches=0"]   # all held-out rows
+
+
+def curves(run_dir):
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: (r["train_bits_per_token"], r["grad_norm"]) for r in recs if "train_bits_per_token" in r}
+    val = [r["val_bits_per_token"] for r in recs if "val_bits_per_token" in r]
+    return train, val
+
+
+def assert_same(a, b, rtol=1e-4):
+    (ta, va), (tb, vb) = a, b
+    assert sorted(ta) == sorted(tb) == [1, 2, 3, 4]
+    for s in ta:
+        for x, y in zip(ta[s], tb[s]):
+            assert abs(x - y) <= rtol * abs(y), (s, ta[s], tb[s])
+    assert len(va) == len(vb) == 1 and abs(va[0] - vb[0]) <= rtol * abs(vb[0])
+
+
+def run(tmp_path, data_dir, name, procs, *overrides):
+    submit(tmp_path, data_dir, f"run.name={name}", *STEPS, *overrides, procs=procs)
+    return curves(tmp_path / "runs" / name)
+
+
+@pytest.mark.slow
+def test_md4_layouts_match_single_process(tmp_path, data_dir):
+    ref = run(tmp_path, data_dir, "single", 1)
+    assert_same(run(tmp_path, data_dir, "tp2", 2, "parallel.tensor_parallel=2"), ref)
+    assert_same(run(tmp_path, data_dir, "dp2_zero1", 2, "parallel.zero_stage=1"), ref)
+    assert_same(run(tmp_path, data_dir, "dp2_zero2", 2, "parallel.zero_stage=2"), ref)
+
+
+@pytest.mark.slow
+def test_prime_tp2_matches_single_process(tmp_path, data_dir):
+    kind = ["diffusion.kind=prime", "diffusion.prime_l=2"]
+    assert_same(run(tmp_path, data_dir, "prime_tp2", 2, *kind, "parallel.tensor_parallel=2"),
+                run(tmp_path, data_dir, "prime_single", 1, *kind))
+
+
+@pytest.mark.slow
+def test_genmd4_trains_its_schedule_data_parallel(tmp_path, data_dir):
+    kind = ["diffusion.kind=genmd4", "optim.lr=1e-2"]
+    dp2 = run(tmp_path, data_dir, "genmd4_dp2", 2, *kind)
+    assert_same(run(tmp_path, data_dir, "genmd4_single", 1, *kind), dp2)
+    recs = [json.loads(l) for l in (tmp_path / "runs" / "genmd4_dp2" / "metrics.jsonl").read_text().splitlines()]
+    w = [(r["genmd4_w_min"], r["genmd4_w_max"]) for r in recs if "genmd4_w_min" in r]
+    assert w and w[-1][0] < 1.0 < w[-1][1]      # w starts at 1 everywhere and is learned
