@@ -326,8 +326,9 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
              f"model.num_attention_heads={m.num_attention_heads} is not divisible by tensor_parallel={p.tensor_parallel}")
     _require(m.num_layers % p.pipeline_parallel == 0, source, "parallel.pipeline_parallel",
              f"model.num_layers={m.num_layers} is not divisible by pipeline_parallel={p.pipeline_parallel}")
-    _require(p.pipeline_parallel == 1, source, "parallel.pipeline_parallel",
-             "pipeline parallelism is not wired into the training engine yet; use 1")
+    _require(p.pipeline_parallel == 1 or p.zero_stage == 1, source, "parallel.zero_stage",
+             f"{p.zero_stage} with parallel.pipeline_parallel={p.pipeline_parallel}: ZeRO-2 partitions gradients "
+             "inside DeepSpeed's backward, which megatron's 1F1B pipeline schedule bypasses; use zero_stage 1")
     _require(p.zero_stage in (1, 2), source, "parallel.zero_stage",
              f"{p.zero_stage}: use 1 or 2 (ZeRO-3 does not fit megatron-core's tensor-parallel layers; without "
              "ZeRO, DeepSpeed would not skip steps whose gradients are not finite)")

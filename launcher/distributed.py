@@ -126,13 +126,27 @@ class MegatronMPU:
 
         self._ps = parallel_state
 
+    # DeepSpeed's convention (Megatron-DeepSpeed's mpu): "model parallel" = tensor x pipeline. DeepSpeed
+    # names checkpoint files by the rank in it and sums gradient norms over it; it counts a parameter
+    # that is not tensor-parallel only where get_tensor_model_parallel_rank() == 0, i.e. once per stage.
     def get_model_parallel_rank(self):
-        return self._ps.get_tensor_model_parallel_rank()
+        import torch.distributed as dist
+
+        return dist.get_rank(group=self._ps.get_model_parallel_group())
 
     def get_model_parallel_world_size(self):
-        return self._ps.get_tensor_model_parallel_world_size()
+        return self._ps.get_tensor_model_parallel_world_size() * self._ps.get_pipeline_model_parallel_world_size()
 
     def get_model_parallel_group(self):
+        return self._ps.get_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
         return self._ps.get_tensor_model_parallel_group()
 
     def get_data_parallel_rank(self):
@@ -153,7 +167,3 @@ class MegatronMPU:
     def get_pipeline_model_parallel_group(self):
         return self._ps.get_pipeline_model_parallel_group()
 
-    # names used by DeepSpeed's grad-norm code
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group

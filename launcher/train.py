@@ -88,9 +88,13 @@ def autocast_ctx(cfg: Config, device: torch.device):
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     o, p = cfg.optim, cfg.parallel
     gas = o.global_batch_size // (o.micro_batch_size * dp_size)
+    micro = o.micro_batch_size
+    if p.pipeline_parallel > 1:
+        # megatron's pipeline schedule runs the micro-batches; DeepSpeed sees one step per global batch
+        micro, gas = micro * gas, 1
     return {
         "train_batch_size": o.global_batch_size,
-        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": p.zero_stage},
@@ -172,7 +176,7 @@ class Trainer:
         from data_pipeline.loader import build_eval_loader, build_train_loader
         from data_pipeline.manifest import check_manifest
         from launcher.distributed import MegatronMPU, init_distributed
-        from model.denoiser import build_denoiser
+        from model.denoiser import build_pipeline_stage
 
         cfg = self.cfg
         self.info = info = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
@@ -184,7 +188,7 @@ class Trainer:
         validate_world(cfg, info.world_size, str(self.run_dir / "config.yaml"))
         check_manifest(cfg.data.path, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
                        vocab_size=cfg.model.vocab_size)
-        model = build_denoiser(cfg.model, diffusion_cfg=cfg.diffusion)
+        model = build_pipeline_stage(cfg.model, diffusion_cfg=cfg.diffusion)
         self.objective = make_objective(cfg, model)
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -260,9 +264,51 @@ class Trainer:
 
     # ----- one optimizer step -------------------------------------------------------------------
     def forward(self, **inputs):
-        """The denoiser under the configured autocast (the objective's reductions stay fp32)."""
-        with autocast_ctx(self.cfg, self.info.device):
-            return self.engine(**inputs)
+        """The denoiser under the configured autocast (the objective's reductions stay fp32). Under
+        pipeline parallelism: a forward-only pass through megatron's schedule, whose last-stage output is
+        broadcast to every stage (evaluation and sampling run the same code on every rank)."""
+        if self.info.pp_size == 1:
+            with autocast_ctx(self.cfg, self.info.device):
+                return self.engine(**inputs)
+        return self._pipeline_forward(inputs)
+
+    def _schedule(self, microbatches: list, forward_only: bool, loss_func_for=None) -> list:
+        """megatron-core's pipeline schedule (1F1B) over `microbatches` = [(model kwargs, ctx)]."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        module = self.engine.module
+        last = parallel_state.is_pipeline_last_stage()
+
+        def forward_step(data_iterator, model):
+            inputs, ctx = next(data_iterator)
+            with autocast_ctx(self.cfg, self.info.device):
+                out = model(**inputs)
+            if not last:   # what travels to the next stage has the schedule's dtype
+                out = out.to(module.config.pipeline_dtype)
+            return out, (loss_func_for(ctx) if loss_func_for is not None else None)
+
+        b, s = next(iter(microbatches[0][0].values())).shape[:2]
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[module],
+            num_microbatches=len(microbatches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
+
+    def _pipeline_forward(self, inputs: dict) -> torch.Tensor:
+        from megatron.core import parallel_state
+
+        outs = self._schedule([(inputs, None)], forward_only=True)
+        group = parallel_state.get_pipeline_model_parallel_group()
+        src = parallel_state.get_pipeline_model_parallel_last_rank()
+        if parallel_state.is_pipeline_last_stage():
+            out = outs[0].contiguous()
+            meta = torch.tensor([out.dim(), *out.shape] + [0] * (4 - out.dim()), dtype=torch.int64)
+        else:
+            meta = torch.zeros(5, dtype=torch.int64)
+        dist.broadcast(meta, src=src, group=group)
+        if not parallel_state.is_pipeline_last_stage():
+            out = torch.empty(meta[1:1 + int(meta[0])].tolist(), dtype=torch.float32, device=self.info.device)
+        dist.broadcast(out, src=src, group=group)
+        return out
 
     def micro_loss(self, x0: torch.Tensor, u: torch.Tensor, noise: torch.Tensor,
                    train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,8 +323,8 @@ class Trainer:
 
         cfg, info = self.cfg, self.info
         mb, n = cfg.optim.micro_batch_size, cfg.model.seq_len
-        total, wait = 0.0, 0.0
-        skipped_before = self.engine.skipped_steps
+        wait = 0.0
+        micro = []
         for m in range(self.gas):
             t0 = time.time()
             x0 = next(batches)
@@ -289,11 +335,9 @@ class Trainer:
                                   streams=self.objective.noise_streams(train=True))
             if noise.dim() == 2:
                 noise = noise[:, None]
-            train_loss, nelbo = self.micro_loss(x0, u, noise)
-            loss = train_loss.mean() / n            # nats per token
-            self.engine.backward(loss)
-            self.engine.step()
-            total += nelbo.mean().item() / n
+            micro.append((x0.to(info.device), u, noise))
+        skipped_before = self.engine.skipped_steps
+        total = self._pipeline_micro_steps(micro) if info.pp_size > 1 else self._micro_steps(micro)
         applied = self.engine.skipped_steps == skipped_before
         stats = torch.tensor([total / self.gas, wait], dtype=torch.float64)
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
@@ -301,6 +345,40 @@ class Trainer:
         if applied and self.ema is not None:
             self.ema.update(self.engine.module)
         return stats[0].item(), stats[1].item(), applied
+
+    def _micro_steps(self, micro: list) -> float:
+        """Gradient accumulation through DeepSpeed's engine; returns the summed micro-batch nelbo/token."""
+        n, total = self.cfg.model.seq_len, 0.0
+        for x0, u, noise in micro:
+            train_loss, nelbo = self.micro_loss(x0, u, noise)
+            self.engine.backward(train_loss.mean() / n)      # nats per token; DeepSpeed divides by GAS
+            self.engine.step()
+            total += nelbo.mean().item() / n
+        return total
+
+    def _pipeline_micro_steps(self, micro: list) -> float:
+        """The micro-batches through megatron-core's 1F1B schedule (each stage runs its own backward),
+        then ZeRO-1's gradient reduction and step, as DeepSpeed's own pipeline engine does. The summed
+        micro-batch nelbo/token lives on the last stage and is broadcast to the others."""
+        from megatron.core import parallel_state
+
+        n = self.cfg.model.seq_len
+        prepared = [self.objective.prepare(x0, u, noise, True) for x0, u, noise in micro]
+
+        def loss_func_for(ctx):
+            def loss_func(out):
+                train_loss, nelbo = self.objective.finish(out, ctx)
+                # megatron divides by the number of micro-batches, as DeepSpeed's GAS scaling does
+                return train_loss.mean() / n, {"nelbo": nelbo.detach().mean() / n}
+            return loss_func
+
+        outs = self._schedule(prepared, forward_only=False, loss_func_for=loss_func_for)
+        total = torch.tensor([sum(float(o["nelbo"]) for o in outs)], dtype=torch.float64)
+        dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        self.engine.optimizer.reduce_gradients(pipeline_parallel=True)
+        self.engine.step()
+        return float(total)
 
     # ----- held-out bound -----------------------------------------------------------------------
     @torch.no_grad()
@@ -334,11 +412,9 @@ class Trainer:
 
         cfg = self.cfg
         self.engine.eval()
-        module = self.engine.module
 
         def denoiser(ids: torch.Tensor, t=None) -> torch.Tensor:
-            with autocast_ctx(cfg, self.info.device):
-                return gather_logits(module(input_ids=ids.to(self.info.device)), cfg.model.vocab_size).float()
+            return gather_logits(self.forward(input_ids=ids.to(self.info.device)), cfg.model.vocab_size).float()
 
         g = torch.Generator().manual_seed(cfg.run.seed)
         sc = cfg.sampler

@@ -193,10 +193,12 @@ def gather_logits(logits: Tensor, vocab_size: Optional[int] = None) -> Tensor:
     return logits[..., :vocab_size]
 
 
-def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """megatron TransformerConfig from our ModelConfig; TP/PP sizes come from megatron's parallel_state."""
+def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32,
+                       whole_model: bool = False) -> TransformerConfig:
+    """megatron TransformerConfig from our ModelConfig; TP/PP sizes come from megatron's parallel_state
+    (whole_model: all layers on this rank whatever the pipeline size)."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    pp = 1 if whole_model else parallel_state.get_pipeline_model_parallel_world_size()
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -216,7 +218,8 @@ def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32) 
 
 
 def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_process: bool = True,
-                   post_process: bool = True, diffusion_cfg=None) -> MaskedDiffusionTransformer:
+                   post_process: bool = True, diffusion_cfg=None,
+                   whole_model: bool = False) -> MaskedDiffusionTransformer:
     """The denoiser for `model_cfg` (launcher.config.ModelConfig), one pipeline stage of it under PP.
 
     Needs megatron's parallel_state initialised (launcher.megatron_cpu.init_model_parallel). For PP pass
@@ -227,10 +230,52 @@ def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_
     if model_cfg.time_conditioning != "none":
         raise NotImplementedError(f"time_conditioning={model_cfg.time_conditioning!r}")
     return MaskedDiffusionTransformer(
-        transformer_config(model_cfg, params_dtype=params_dtype),
+        transformer_config(model_cfg, params_dtype=params_dtype, whole_model=whole_model),
         vocab_size=model_cfg.vocab_size, max_sequence_length=model_cfg.seq_len,
         position_embedding=model_cfg.position_embedding, zero_init_output=model_cfg.zero_init_output,
         make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,
         pre_process=pre_process, post_process=post_process,
         prime_l=diffusion_cfg.prime_l if kind == "prime" else 0,
         genmd4=(diffusion_cfg.eps, diffusion_cfg.genmd4_t1) if kind == "genmd4" else None)
+
+
+def build_pipeline_stage(model_cfg, *, diffusion_cfg=None,
+                         params_dtype: torch.dtype = torch.float32) -> MaskedDiffusionTransformer:
+    """This rank's pipeline stage of the denoiser (megatron's parallel_state says which).
+
+    On CPU (megatron's `use_cpu_initialization`) the initial weights do not depend on the layout: the
+    full model is drawn with the same generator as at PP=1 and the stage keeps its slice of it (layer i
+    of stage p is layer p * L / PP + i of the full model), so every layout starts from the same
+    weights. The generator is left where the PP=1 build leaves it."""
+    first = parallel_state.is_pipeline_first_stage()
+    last = parallel_state.is_pipeline_last_stage()
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return build_denoiser(model_cfg, params_dtype=params_dtype, diffusion_cfg=diffusion_cfg)
+    if torch.cuda.is_available():   # GPU initialisation is per rank (megatron's RNG tracker) anyway
+        return build_denoiser(model_cfg, params_dtype=params_dtype, pre_process=first, post_process=last,
+                              diffusion_cfg=diffusion_cfg)
+    full = build_denoiser(model_cfg, params_dtype=params_dtype, diffusion_cfg=diffusion_cfg,
+                          whole_model=True).state_dict()
+    after_full = torch.get_rng_state()
+    stage = build_denoiser(model_cfg, params_dtype=params_dtype, pre_process=first, post_process=last,
+                           diffusion_cfg=diffusion_cfg)
+    torch.set_rng_state(after_full)
+    offset = parallel_state.get_pipeline_model_parallel_rank() * (
+        model_cfg.num_layers // parallel_state.get_pipeline_model_parallel_world_size())
+    stage.load_state_dict(stage_state_dict(full, stage.state_dict().keys(), offset))
+    return stage
+
+
+def stage_state_dict(full: dict, stage_keys, layer_offset: int) -> dict:
+    """The entries of a full (PP=1) state dict that one pipeline stage holds, under the stage's names
+    (its local layer i is the full model's layer layer_offset + i)."""
+    out = {}
+    for key in stage_keys:
+        parts = key.split(".")
+        if key.startswith("decoder.layers."):
+            parts[2] = str(int(parts[2]) + layer_offset)
+        src = ".".join(parts)
+        if src not in full:
+            raise KeyError(f"{src} (stage parameter {key}) is not in the full state dict")
+        out[key] = full[src]
+    return out

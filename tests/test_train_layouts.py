@@ -55,3 +55,21 @@ def test_genmd4_trains_its_schedule_data_parallel(tmp_path, data_dir):
     recs = [json.loads(l) for l in (tmp_path / "runs" / "genmd4_dp2" / "metrics.jsonl").read_text().splitlines()]
     w = [(r["genmd4_w_min"], r["genmd4_w_max"]) for r in recs if "genmd4_w_min" in r]
     assert w and w[-1][0] < 1.0 < w[-1][1]      # w starts at 1 everywhere and is learned
+
+
+@pytest.mark.slow
+def test_md4_pipeline_layouts_match_single_process(tmp_path, data_dir):
+    """PP=2 (megatron-core's 1F1B schedule under DeepSpeed ZeRO-1, two micro-batches per step) and
+    TP=2 x PP=2 against one process with the same weights (CPU initialisation is layout-independent)."""
+    gas = ["model.num_layers=2", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
+    ref = run(tmp_path, data_dir, "single_gas", 1, *gas)
+    assert_same(run(tmp_path, data_dir, "pp2", 2, *gas, "parallel.pipeline_parallel=2"), ref)
+    assert_same(run(tmp_path, data_dir, "tp2_pp2", 4, *gas, "parallel.pipeline_parallel=2",
+                    "parallel.tensor_parallel=2"), ref)
+
+
+@pytest.mark.slow
+def test_prime_pipeline_matches_single_process(tmp_path, data_dir):
+    kind = ["diffusion.kind=prime", "diffusion.prime_l=2", "model.num_layers=2", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
+    assert_same(run(tmp_path, data_dir, "prime_pp2", 2, *kind, "parallel.pipeline_parallel=2"),
+                run(tmp_path, data_dir, "prime_single_gas", 1, *kind))
