@@ -28,6 +28,48 @@ TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE.json"
 
 
+# What DeepSpeed's checkpoint files hold besides tensors and plain containers (deepspeed 0.19.8): the
+# only classes the loader may construct. Nothing else is unpickled: no code runs on load.
+def _deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine with loading under torch.load(weights_only=True) and an explicit
+    allowlist (DeepSpeed's own engine loads with weights_only=False, i.e. it would run pickled code)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location)
+
+    return SafeTorchCheckpointEngine
+
+
+def safe_load(path, map_location="cpu"):
+    """torch.load with weights_only=True and DeepSpeed's data classes allowed; a file that would need
+    anything else is refused with an error naming it."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path}: refused to load: it is not a weights-only checkpoint file ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def install_safe_loading(engine) -> None:
+    """Make a DeepSpeed engine load its checkpoints through `safe_load`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}")
+    engine.checkpoint_engine = safe_checkpoint_engine()(engine._config)   # same save settings
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -98,8 +140,12 @@ def _rank_extra_path(tag_dir: Path, rank: int) -> Path:
 
 
 def save(engine, ckpt_root: Path, step: int, client_state: dict, rank_state: dict,
-         keep_last: int, rank: int) -> Path:
-    """Collective: every rank calls it. Returns the tag directory."""
+         keep_last: int, rank: int, keep_every: int = 0, files: dict[str, str] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the tag directory.
+
+    `files` ({name: text}, rank 0's) are written into the checkpoint too (the resolved config and the code
+    version), so that a checkpoint copied elsewhere still says what produced it; they are checksummed
+    with the rest."""
     ckpt_root = Path(ckpt_root)
     tag = tag_for(step)
     tag_dir = ckpt_root / tag
@@ -110,16 +156,38 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict, rank_state: dic
     dist.barrier()
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rank_state, _rank_extra_path(tag_dir, rank))
+    if rank == 0:
+        for name, text in (files or {}).items():
+            _atomic_write(tag_dir / name, text)
     dist.barrier()  # every rank has finished writing
     if rank == 0:
-        files = {str(p.relative_to(tag_dir)): _sha256(p)
-                 for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != COMPLETE}
-        _atomic_write(tag_dir / COMPLETE, json.dumps({"step": step, "files": files}, indent=1))
+        digests = {str(p.relative_to(tag_dir)): _sha256(p)
+                   for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != COMPLETE}
+        _atomic_write(tag_dir / COMPLETE, json.dumps({"step": step, "files": digests}, indent=1))
         _atomic_write(ckpt_root / "latest", tag + "\n")
-        for old in list_complete(ckpt_root)[:-keep_last]:
-            shutil.rmtree(ckpt_root / old, ignore_errors=True)
+        prune(ckpt_root, keep_last, keep_every)
     dist.barrier()
     return tag_dir
+
+
+def prune(ckpt_root: Path, keep_last: int, keep_every: int = 0) -> list[str]:
+    """Delete all but the newest `keep_last` complete checkpoints and those whose step is a multiple of
+    `keep_every` (0: none), and every torn directory (no COMPLETE.json: a save that died) older than the
+    newest complete one. Returns the deleted tags. Run by rank 0 after a save completed."""
+    ckpt_root = Path(ckpt_root)
+    complete = list_complete(ckpt_root)
+    if not complete:
+        return []
+    keep = set(complete[-keep_last:]) if keep_last > 0 else set()
+    if keep_every > 0:
+        keep |= {t for t in complete if int(TAG_RE.match(t).group(1)) % keep_every == 0}
+    newest = complete[-1]
+    doomed = [t for t in complete if t not in keep]
+    doomed += sorted(p.name for p in ckpt_root.iterdir()
+                     if p.is_dir() and TAG_RE.match(p.name) and p.name not in complete and p.name < newest)
+    for t in doomed:
+        shutil.rmtree(ckpt_root / t, ignore_errors=True)
+    return doomed
 
 
 def find_resumable(ckpt_root: Path, rank: int) -> str | None:
@@ -147,5 +215,5 @@ def load(engine, ckpt_root: Path, tag: str, rank: int) -> tuple[dict, dict]:
     extra_path = _rank_extra_path(Path(ckpt_root) / tag, rank)
     if not extra_path.is_file():
         raise RuntimeError(f"{extra_path} is missing: the checkpoint was written by a different world size")
-    extra = torch.load(extra_path, map_location="cpu", weights_only=True)
+    extra = safe_load(extra_path)
     return client_state or {}, extra

@@ -104,6 +104,7 @@ class ParallelConfig:
 class CheckpointConfig:
     interval: int = 100
     keep_last: int = 2
+    keep_every: int = 0              # also keep every checkpoint whose step is a multiple of this (0 = none)
 
 
 @dataclass
@@ -335,6 +336,7 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _require(0.0 <= o.ema_decay < 1.0, source, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
     _require(o.max_consecutive_skips >= 1, source, "optim.max_consecutive_skips", "must be >= 1")
     _require(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
+    _require(cfg.checkpoint.keep_every >= 0, source, "checkpoint.keep_every", "must be >= 0 (0 keeps only the last k)")
     _require(cfg.logging.eval_batches >= 0, source, "logging.eval_batches", "must be >= 0")
     if world_size is not None:
         validate_world(cfg, world_size, source)

@@ -195,6 +195,9 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, info.dp_size), mpu=MegatronMPU(), dist_init_required=False)
+        from launcher.checkpoint import install_safe_loading
+
+        install_safe_loading(self.engine)   # checkpoints load weights-only: no pickled code runs
         self.gas = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * info.dp_size)
         self.train_loader = build_train_loader(cfg.data.path, cfg.data.train_split, cfg.optim.micro_batch_size,
                                                info.dp_rank, info.dp_size, seed=cfg.run.seed,
@@ -244,9 +247,19 @@ class Trainer:
                         client_state={"step": self.step, "tokens_seen": self.tokens_seen,
                                       **({"ema": self.ema.state_dict()} if self.ema is not None else {})},
                         rank_state={"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state()},
-                        keep_last=self.cfg.checkpoint.keep_last, rank=self.info.rank)
+                        keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every,
+                        rank=self.info.rank, files=self._provenance())
         self.scalar("time/checkpoint_s", time.time() - t0)
         self.log(f"saved checkpoint step {self.step} in {time.time() - t0:.1f}s")
+
+    def _provenance(self) -> dict[str, str]:
+        """The resolved config and the code version, copied into every checkpoint."""
+        out = {}
+        for name in ("config.yaml", "code_version.txt"):
+            p = self.run_dir / name
+            if p.is_file():
+                out[name] = p.read_text()
+        return out
 
     # ----- logging ----------------------------------------------------------------------------
     def log(self, msg: str):

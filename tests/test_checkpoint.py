@@ -206,6 +206,9 @@ def test_keep_last_prunes_to_k_complete_checkpoints(run):
     assert (run["ckpt"] / "latest").read_text().strip() == "step_00000009"
     meta = json.loads((run["ckpt"] / "step_00000006" / "COMPLETE.json").read_text())
     assert "extra_rank1.pt" in meta["files"] and any(f.startswith("zero_pp_rank_1_") for f in meta["files"])
+    # the resolved config travels with the checkpoint, checksummed with the rest
+    assert "config.yaml" in meta["files"]
+    assert (run["ckpt"] / "step_00000006" / "config.yaml").read_text() == (run["run_dir"] / "config.yaml").read_text()
 
 
 def test_corrupted_shard_is_skipped_with_warning_and_previous_loads(run):
@@ -270,6 +273,46 @@ def test_find_resumable_warns_and_names_the_bad_file(tmp_path):
             destroy_megatron()
     assert tag == checkpoint.tag_for(3)
     assert "checksum mismatch" in checkpoint.verify(tmp_path / checkpoint.tag_for(6))
+
+
+def test_prune_keeps_last_k_every_mth_and_drops_torn_dirs(tmp_path):
+    from launcher import checkpoint
+
+    for step in range(10, 101, 10):
+        d = tmp_path / checkpoint.tag_for(step)
+        d.mkdir()
+        (d / checkpoint.COMPLETE).write_text("{}")
+    (tmp_path / checkpoint.tag_for(55)).mkdir()     # a save that died: older than the newest, deleted
+    (tmp_path / checkpoint.tag_for(110)).mkdir()    # newer than every complete one: left alone
+    deleted = checkpoint.prune(tmp_path, keep_last=2, keep_every=40)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [checkpoint.tag_for(s) for s in (40, 80, 90, 100, 110)], left
+    assert checkpoint.tag_for(55) in deleted
+
+
+def test_safe_load_refuses_pickled_code_and_names_the_file(tmp_path):
+    """DeepSpeed's own loader would run this file's payload (torch.load(weights_only=False))."""
+    import pickle
+
+    import torch
+
+    from launcher.checkpoint import safe_load
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "mp_rank_00_model_states.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"module": Payload()}, f)
+    with pytest.raises(RuntimeError, match=re.escape(str(evil))):
+        safe_load(evil)
+    assert not marker.exists()
+    good = tmp_path / "ok.pt"
+    torch.save({"w": torch.ones(2), "step": 3}, good)
+    assert safe_load(good)["step"] == 3
 
 
 # ------------------------------------------------------------------------------- (d) dry run
