@@ -113,7 +113,9 @@ class LoggingConfig:
     eval_interval: int = 100
     eval_batches: int = 0          # 0 = the whole held-out split
     eval_draws: int = 1            # K draws of t per held-out sequence
-    sample_at_end: bool = True     # draw one sample with the `sampler` settings when training ends
+    sample_at_end: bool = True     # draw samples with the `sampler` settings when training ends
+    sample_interval: int = 0       # also every this many steps (0 = only at the end); TensorBoard text / image grid
+    num_samples: int = 4           # samples per drawing (text: shown in TensorBoard; images: one grid)
 
 
 @dataclass
@@ -336,6 +338,8 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _require(0.0 <= o.ema_decay < 1.0, source, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
     _require(o.max_consecutive_skips >= 1, source, "optim.max_consecutive_skips", "must be >= 1")
     _require(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
+    _require(cfg.logging.sample_interval >= 0, source, "logging.sample_interval", "must be >= 0 (0 = only at the end)")
+    _require(cfg.logging.num_samples >= 1, source, "logging.num_samples", f"must be >= 1, got {cfg.logging.num_samples}")
     _require(cfg.checkpoint.keep_every >= 0, source, "checkpoint.keep_every", "must be >= 0 (0 keeps only the last k)")
     _require(cfg.logging.eval_batches >= 0, source, "logging.eval_batches", "must be >= 0")
     if world_size is not None:

@@ -186,8 +186,9 @@ class Trainer:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
         validate_world(cfg, info.world_size, str(self.run_dir / "config.yaml"))
-        check_manifest(cfg.data.path, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
-                       vocab_size=cfg.model.vocab_size)
+        manifest = check_manifest(cfg.data.path, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
+                                  vocab_size=cfg.model.vocab_size)
+        self.image_shape = manifest.get("image_shape") if isinstance(manifest, dict) else None
         model = build_pipeline_stage(cfg.model, diffusion_cfg=cfg.diffusion)
         self.objective = make_objective(cfg, model)
         optimizer = build_optimizer(model, cfg)
@@ -418,29 +419,46 @@ class Trainer:
 
     # ----- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_text(self) -> tuple[str, dict]:
+    def sample(self) -> tuple[str, dict]:
+        """Draw logging.num_samples samples with the `sampler` settings (EMA weights when kept) and show
+        them in TensorBoard: text, or an image grid (also saved as <run_dir>/samples/step_N.png) for pixel
+        data. Returns (the first text sample or the PNG path, sampler stats)."""
         from data_pipeline.tokenizer import get_encoding
         from model.denoiser import gather_logits
         from model.objectives import draw_samples
 
         cfg = self.cfg
         self.engine.eval()
+        swapped = self.ema.swap_in(self.engine.module) if self.ema is not None else None
 
         def denoiser(ids: torch.Tensor, t=None) -> torch.Tensor:
             return gather_logits(self.forward(input_ids=ids.to(self.info.device)), cfg.model.vocab_size).float()
 
-        g = torch.Generator().manual_seed(cfg.run.seed)
+        g = torch.Generator().manual_seed(cfg.run.seed + self.step)
         sc = cfg.sampler
-        tokens, stats = draw_samples(self.objective, denoiser, 1, cfg.model.seq_len, steps=sc.steps, grid=sc.grid,
-                                     top_p=sc.top_p, temperature=sc.temperature, use_cache=sc.use_cache, generator=g)
+        tokens, stats = draw_samples(self.objective, denoiser, cfg.logging.num_samples, cfg.model.seq_len,
+                                     steps=sc.steps, grid=sc.grid, top_p=sc.top_p, temperature=sc.temperature,
+                                     use_cache=sc.use_cache, generator=g)
+        if swapped is not None:
+            self.ema.swap_out(self.engine.module, swapped)
         self.engine.train()
+        if self.image_shape is not None:
+            from launcher.visual import image_grid, save_png
+
+            grid = image_grid(tokens.cpu(), self.image_shape)
+            shown = str(self.run_dir / "samples" / f"step_{self.step:08d}.png")
+            if self.info.is_main:
+                save_png(grid, shown)
+                self.writer.add_image("samples/images", grid, self.step, dataformats="HWC")
+            return shown, stats
         try:
-            text = get_encoding(cfg.data.tokenizer).decode(tokens[0].tolist())
+            enc = get_encoding(cfg.data.tokenizer)
+            texts = [enc.decode(row.tolist()) for row in tokens]
         except ValueError:        # a tokenizer without a text decoder (synthetic ids): show the ids
-            text = " ".join(map(str, tokens[0].tolist()))
+            texts = [" ".join(map(str, row.tolist())) for row in tokens]
         if self.writer is not None:
-            self.writer.add_text("samples/unconditional", text, self.step)
-        return text, stats
+            self.writer.add_text("samples/unconditional", "\n\n---\n\n".join(texts), self.step)
+        return texts[0], stats
 
     # ----- the loop ------------------------------------------------------------------------------------
     def run(self) -> dict | None:
@@ -508,6 +526,9 @@ class Trainer:
                 self.metrics_line({"step": self.step, **{f"val_{k}": v for k, v in val.items()}})
                 self.log(f"held-out {val['bits_per_token']:.4f} bits/token, perplexity bound "
                          f"{val['ppl_bound']:.2f} ({val['rows']} rows, K={val['eval_draws']})")
+            if cfg.logging.sample_interval and self.step % cfg.logging.sample_interval == 0:
+                shown, stats = self.sample()
+                self.log(f"sample ({stats.get('network_calls')} network calls): {shown[:200]!r}")
             if self.preemption.should_stop():
                 self.save()
                 self.log("preempted: checkpoint saved, requeueing")
@@ -521,7 +542,7 @@ class Trainer:
             val = self.evaluate()
         result = {"step": self.step, "tokens_seen": self.tokens_seen, "heldout": val}
         if cfg.logging.sample_at_end:
-            text, stats = self.sample_text()
+            text, stats = self.sample()
             result["sample"] = text
             result["sample_network_calls"] = stats.get("network_calls") if isinstance(stats, dict) else None
         if info.is_main:

@@ -50,14 +50,15 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_resume_continues_step_counter_and_loss_curve(tmp_path, data_dir):
-    # uninterrupted reference: 6 steps
-    submit(tmp_path, data_dir, "run.name=full", "optim.train_steps=6")
+    # uninterrupted reference: 6 steps (with an EMA of the weights, which the held-out bound uses)
+    ema = "optim.ema_decay=0.9"
+    submit(tmp_path, data_dir, "run.name=full", "optim.train_steps=6", ema)
     full = train_losses(tmp_path / "runs" / "full")
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
 
     # the same run stopped after 3 steps, then the same command with more steps: it resumes
-    submit(tmp_path, data_dir, "run.name=split", "optim.train_steps=3")
-    out = submit(tmp_path, data_dir, "run.name=split", "optim.train_steps=6")
+    submit(tmp_path, data_dir, "run.name=split", "optim.train_steps=3", ema)
+    out = submit(tmp_path, data_dir, "run.name=split", "optim.train_steps=6", ema)
     run = tmp_path / "runs" / "split"
     log = "".join(p.read_text() for p in (run / "submitit").glob("*_0_log.out"))
     assert "resumed from" in log and "step_00000003" in log
@@ -67,6 +68,9 @@ def test_resume_continues_step_counter_and_loss_curve(tmp_path, data_dir):
         assert split[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), (step, split, full)
     result = json.loads((run / "result.json").read_text())
     assert result["step"] == 6 and result["heldout"]["bits_per_token"] > 0
+    # the EMA weights were checkpointed and restored: the held-out bound (EMA weights) is the same
+    full_result = json.loads((tmp_path / "runs" / "full" / "result.json").read_text())
+    assert result["heldout"]["bits_per_token"] == pytest.approx(full_result["heldout"]["bits_per_token"], rel=1e-6)
     assert "held-out bits/token" in out.stdout and "unigram perplexity" in out.stdout
     # the run directory is self-contained
     for name in ("config.yaml", "code_version.txt", "code/launcher/train.py", "tensorboard"):
@@ -80,9 +84,15 @@ def test_resume_continues_step_counter_and_loss_curve(tmp_path, data_dir):
 def test_tensorboard_event_files_hold_the_training_scalars(tmp_path, data_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    submit(tmp_path, data_dir, "run.name=tb", "optim.train_steps=3")
+    submit(tmp_path, data_dir, "run.name=tb", "optim.train_steps=3", "logging.sample_interval=2",
+           "logging.num_samples=2", "sampler.steps=4")
     acc = EventAccumulator(str(tmp_path / "runs" / "tb" / "tensorboard"))
     acc.Reload()
+    # text samples at the configured interval, read back from the event file
+    texts = acc.Tensors("samples/unconditional/text_summary")
+    assert [e.step for e in texts] == [2]
+    shown = texts[0].tensor_proto.string_val[0].decode()
+    assert shown.count("---") == 1 and len(shown) > 20, shown
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/bits_per_token", "train/lr", "train/grad_norm", "perf/tokens_per_s",
                 "perf/tflops_per_device", "perf/peak_memory_gb", "perf/data_wait_s", "time/checkpoint_s",

@@ -1,5 +1,6 @@
 """The training noise is a function of (seed, step, global sample index) only, so the loss does not
 depend on the data-parallel layout; held-out noise is a function of the row's content."""
+import pytest
 import torch
 
 from launcher.config import config_from_dict
@@ -40,3 +41,30 @@ def test_lr_warmup_then_cosine_to_floor():
     f = lr_lambda(cfg)
     assert abs(f(0) - 0.1) < 1e-12 and abs(f(9) - 1.0) < 1e-12
     assert abs(f(10) - 1.0) < 1e-12 and abs(f(60) - 0.55) < 1e-12 and abs(f(110) - 0.1) < 1e-12
+
+
+def test_ema_update_swap_and_state():
+    from launcher.train import EMA
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    start = {k: v.detach().clone() for k, v in m.named_parameters()}
+    ema = EMA(m, decay=0.75)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    ema.update(m)
+    for k, p in m.named_parameters():   # shadow = d * shadow + (1 - d) * param
+        torch.testing.assert_close(ema.shadow[k], 0.75 * start[k] + 0.25 * p.detach())
+    raw = {k: v.detach().clone() for k, v in m.named_parameters()}
+    saved = ema.swap_in(m)
+    for k, p in m.named_parameters():
+        assert torch.equal(p, ema.shadow[k])
+    ema.swap_out(m, saved)
+    for k, p in m.named_parameters():
+        assert torch.equal(p, raw[k])
+    other = EMA(m, decay=0.75)
+    other.load_state_dict(ema.state_dict())
+    assert all(torch.equal(other.shadow[k], ema.shadow[k]) for k in ema.shadow)
+    with pytest.raises(RuntimeError, match="EMA state lacks"):
+        other.load_state_dict({"decay": 0.75, "shadow": {}})
