@@ -41,6 +41,8 @@ class ModelConfig:
     init_std: float = 0.02
     zero_init_output: bool = True
     make_vocab_size_divisible_by: int = 128
+    attention: Literal["auto", "sdpa", "megatron"] = "auto"   # auto = sdpa (torch's fused kernels)
+    recompute: Literal["none", "selective", "full"] = "none"   # activation recomputation (megatron-core)
 
 
 @dataclass

@@ -469,6 +469,9 @@ class Trainer:
         self.log(f"training {cfg.run.name}: world={info.world_size} (tp={info.tp_size} pp={info.pp_size} "
                  f"dp={info.dp_size}), zero={cfg.parallel.zero_stage}, precision={cfg.parallel.precision}, "
                  f"grad accumulation={self.gas}, device={info.device}")
+        from model.denoiser import kernel_report, resolve_attention
+
+        self.log(f"kernels: {kernel_report(resolve_attention(cfg.model.attention))}")
         val = None
         wait_since, consecutive_skips = 0.0, 0
         while self.step < cfg.optim.train_steps:

@@ -24,6 +24,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.core import parallel_state, tensor_parallel
@@ -43,11 +44,76 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def bidirectional_layer_spec() -> ModuleSpec:
-    """megatron's local (non-transformer-engine) GPT layer with the causal mask removed."""
+class SDPACoreAttention(MegatronModule):
+    """megatron's core-attention interface on torch.nn.functional.scaled_dot_product_attention, without a
+    mask (every position attends to every position). torch picks the kernel: FlashAttention-2 or the
+    memory-efficient kernel on GPUs, a fused CPU kernel otherwise. Same math as megatron's
+    DotProductAttention (scale 1/sqrt(head dim), dropout on the probabilities), no parameters."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None):
+        super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.no_mask:
+            raise ValueError(f"SDPACoreAttention is bidirectional; got attn_mask_type={attn_mask_type}")
+        if config.context_parallel_size > 1:
+            raise ValueError("SDPACoreAttention does not implement context parallelism")
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale   # None: 1/sqrt(head dim), megatron's default
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+                packed_seq_params=None) -> Tensor:
+        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPACoreAttention takes no mask, bias or packed sequences")
+        s, b, heads, hd = query.shape                      # [s, b, heads/TP, head dim]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))   # [b, heads, s, hd]
+        p = self.dropout if self.training else 0.0
+        if p > 0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.softmax_scale,
+                                                     enable_gqa=k.size(1) != heads)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.softmax_scale,
+                                                 enable_gqa=k.size(1) != heads)
+        return out.permute(2, 0, 1, 3).reshape(s, b, heads * hd)
+
+
+ATTENTION_BACKENDS = ("sdpa", "megatron")
+
+
+def resolve_attention(choice: str) -> str:
+    """model.attention: 'auto' = torch SDPA (fused flash / memory-efficient kernels where the device has
+    them); 'megatron' = megatron-core's unfused DotProductAttention (the reference path)."""
+    if choice == "auto":
+        return "sdpa"
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention={choice!r}: use auto, {' or '.join(ATTENTION_BACKENDS)}")
+    return choice
+
+
+def kernel_report(attention: str) -> str:
+    """What runs, for the start-of-training log line."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    spec = bidirectional_layer_spec(attention)
+    norm = spec.submodules.input_layernorm
+    norm_name = "torch LayerNorm" if norm is WrappedTorchNorm else f"{norm.__module__}.{norm.__name__}"
+    attn = ("torch scaled_dot_product_attention (flash / memory-efficient / CPU fused, torch's choice)"
+            if attention == "sdpa" else "megatron-core DotProductAttention (unfused)")
+    opt = "torch AdamW (fused)" if torch.cuda.is_available() else "torch AdamW (foreach)"
+    return f"attention={attn}; norm={norm_name}; optimizer={opt}"
+
+
+def bidirectional_layer_spec(attention: str = "sdpa") -> ModuleSpec:
+    """megatron's local (non-transformer-engine) GPT layer with the causal mask removed; its norms are
+    apex's FusedLayerNorm when apex is installed, torch's LayerNorm otherwise (megatron decides)."""
     spec = copy.deepcopy(get_gpt_layer_local_spec())
-    spec.submodules.self_attention.params = {
-        **spec.submodules.self_attention.params, "attn_mask_type": AttnMaskType.no_mask}
+    attn = spec.submodules.self_attention
+    attn.params = {**attn.params, "attn_mask_type": AttnMaskType.no_mask}
+    if resolve_attention(attention) == "sdpa":
+        attn.submodules.core_attention = SDPACoreAttention
     return spec
 
 
@@ -58,7 +124,8 @@ class MaskedDiffusionTransformer(MegatronModule):
     def __init__(self, config: TransformerConfig, *, vocab_size: int, max_sequence_length: int,
                  position_embedding: str = "rope", zero_init_output: bool = True,
                  make_vocab_size_divisible_by: int = 128, pre_process: bool = True,
-                 post_process: bool = True, prime_l: int = 0, genmd4: Optional[tuple[float, float]] = None):
+                 post_process: bool = True, prime_l: int = 0, genmd4: Optional[tuple[float, float]] = None,
+                 attention: str = "sdpa"):
         super().__init__(config=config)
         if position_embedding not in ("rope", "learned"):
             raise ValueError(f"position_embedding must be 'rope' or 'learned', got {position_embedding!r}")
@@ -96,7 +163,7 @@ class MaskedDiffusionTransformer(MegatronModule):
                 kv_channels=config.kv_channels, rotary_percent=1.0,
                 rotary_interleaved=config.rotary_interleaved,
                 use_cpu_initialization=config.use_cpu_initialization, cp_group=pgs.cp)
-        self.decoder = TransformerBlock(config=config, spec=bidirectional_layer_spec(),
+        self.decoder = TransformerBlock(config=config, spec=bidirectional_layer_spec(attention),
                                         pre_process=pre_process, post_process=post_process, pg_collection=pgs)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -193,6 +260,18 @@ def gather_logits(logits: Tensor, vocab_size: Optional[int] = None) -> Tensor:
     return logits[..., :vocab_size]
 
 
+def _recompute_kwargs(recompute: str) -> dict:
+    """model.recompute: 'none'; 'selective' = megatron recomputes core attention in backward; 'full' =
+    every layer keeps only its input and recomputes itself (uniform, one layer per unit)."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    raise ValueError(f"model.recompute={recompute!r}: use none, selective or full")
+
+
 def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32,
                        whole_model: bool = False) -> TransformerConfig:
     """megatron TransformerConfig from our ModelConfig; TP/PP sizes come from megatron's parallel_state
@@ -212,6 +291,7 @@ def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32,
         pipeline_dtype=params_dtype,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
+        **_recompute_kwargs(getattr(model_cfg, "recompute", "none")),
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=True,
     )
@@ -236,7 +316,8 @@ def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_
         make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,
         pre_process=pre_process, post_process=post_process,
         prime_l=diffusion_cfg.prime_l if kind == "prime" else 0,
-        genmd4=(diffusion_cfg.eps, diffusion_cfg.genmd4_t1) if kind == "genmd4" else None)
+        genmd4=(diffusion_cfg.eps, diffusion_cfg.genmd4_t1) if kind == "genmd4" else None,
+        attention=resolve_attention(getattr(model_cfg, "attention", "auto")))
 
 
 def build_pipeline_stage(model_cfg, *, diffusion_cfg=None,

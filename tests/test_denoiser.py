@@ -213,3 +213,38 @@ def test_loss_mask_computes_the_same_nll_and_gradients_at_masked_positions():
     part.sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, g_full[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_sdpa_attention_matches_megatron_dot_product_attention():
+    """The default core attention (torch SDPA) computes what megatron's unfused DotProductAttention does."""
+    torch.manual_seed(3)
+    sdpa = build_denoiser(tiny_config(attention="sdpa"))
+    torch.manual_seed(3)
+    ref = build_denoiser(tiny_config(attention="megatron"))
+    assert type(sdpa.decoder.layers[0].self_attention.core_attention).__name__ == "SDPACoreAttention"
+    assert type(ref.decoder.layers[0].self_attention.core_attention).__name__ == "DotProductAttention"
+    ref.load_state_dict(sdpa.state_dict())
+    x, y = batch(5)
+    a, b = sdpa(x, labels=y), ref(x, labels=y)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a.sum().backward()
+    b.sum().backward()
+    for (n, p), q in zip(sdpa.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recomputation_keeps_loss_and_gradients(recompute):
+    torch.manual_seed(4)
+    plain = build_denoiser(tiny_config())
+    torch.manual_seed(4)
+    again = build_denoiser(tiny_config(recompute=recompute))
+    assert again.config.recompute_granularity == recompute
+    again.load_state_dict(plain.state_dict())
+    x, y = batch(6)
+    a, b = plain(x, labels=y), again(x, labels=y)
+    torch.testing.assert_close(a, b)
+    a.sum().backward()
+    b.sum().backward()
+    for (n, p), q in zip(plain.named_parameters(), again.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
