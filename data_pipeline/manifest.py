@@ -46,19 +46,21 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
 
 
 def check_manifest(data_dir: str | Path, *, tokenizer: str | None = None, seq_len: int | None = None,
-                   vocab_size: int | None = None, splits: tuple[str, ...] | None = None,
+                   vocab_size: int | None = None, image_shape: list[int] | None = None,
+                   splits: tuple[str, ...] | None = None,
                    verify_sha256: bool = False) -> dict[str, Any]:
     """Check that the prepared data fits the run and that its files are intact; return the manifest.
 
-    Each ValueError names the manifest file and the key: tokenizer, seq_len, vocab_size mismatches;
+    Each ValueError names the manifest file and the key: tokenizer, seq_len, vocab_size, image_shape mismatches;
     a missing split; a missing shard or one of the wrong size (always checked, cheap); a shard whose
     sha256 differs (only with verify_sha256=True: reads every byte).
     """
     data_dir = Path(data_dir)
     m = load_manifest(data_dir)
     path = data_dir / MANIFEST_NAME
-    for key, want in (("tokenizer", tokenizer), ("seq_len", seq_len), ("vocab_size", vocab_size)):
-        if want is not None and m[key] != want:
+    for key, want in (("tokenizer", tokenizer), ("seq_len", seq_len), ("vocab_size", vocab_size),
+                      ("image_shape", list(image_shape) if image_shape is not None else None)):
+        if want is not None and m.get(key) != want:
             raise ValueError(f"{path}: {key} mismatch: data has {key}={m[key]!r}, the run wants {want!r} "
                              "(re-run data_pipeline.prepare or change the config)")
     for split in (splits if splits is not None else tuple(m["splits"])):

@@ -43,6 +43,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     attention: Literal["auto", "sdpa", "megatron"] = "auto"   # auto = sdpa (torch's fused kernels)
     recompute: Literal["none", "selective", "full"] = "none"   # activation recomputation (megatron-core)
+    image_shape: Optional[list[int]] = None   # [H, W, C] for pixel data (rows HWC-flattened); null for text
 
 
 @dataclass
@@ -168,6 +169,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} = {value!r} must be a list")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -340,6 +346,11 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _require(0.0 <= o.ema_decay < 1.0, source, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
     _require(o.max_consecutive_skips >= 1, source, "optim.max_consecutive_skips", "must be >= 1")
     _require(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
+    if m.image_shape is not None:
+        _require(len(m.image_shape) == 3 and all(int(v) >= 1 for v in m.image_shape), source, "model.image_shape",
+                 f"must be [H, W, C] with positive sizes, got {m.image_shape}")
+        _require(math.prod(m.image_shape) == m.seq_len, source, "model.image_shape",
+                 f"{m.image_shape} holds {math.prod(m.image_shape)} sub-pixels but model.seq_len={m.seq_len}")
     _require(cfg.logging.sample_interval >= 0, source, "logging.sample_interval", "must be >= 0 (0 = only at the end)")
     _require(cfg.logging.num_samples >= 1, source, "logging.num_samples", f"must be >= 1, got {cfg.logging.num_samples}")
     _require(cfg.checkpoint.keep_every >= 0, source, "checkpoint.keep_every", "must be >= 0 (0 keeps only the last k)")

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
 
             try:   # the data must fit the model before anything is queued
                 check_manifest(data, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
-                               vocab_size=cfg.model.vocab_size)
+                               vocab_size=cfg.model.vocab_size, image_shape=cfg.model.image_shape)
             except ValueError as e:
                 raise ConfigError(f"{args.config}: data.path: {e}") from None
     except ConfigError as e:

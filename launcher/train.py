@@ -187,8 +187,8 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
         validate_world(cfg, info.world_size, str(self.run_dir / "config.yaml"))
         manifest = check_manifest(cfg.data.path, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
-                                  vocab_size=cfg.model.vocab_size)
-        self.image_shape = manifest.get("image_shape") if isinstance(manifest, dict) else None
+                                  vocab_size=cfg.model.vocab_size, image_shape=cfg.model.image_shape)
+        self.image_shape = cfg.model.image_shape or manifest.get("image_shape")
         model = build_pipeline_stage(cfg.model, diffusion_cfg=cfg.diffusion)
         self.objective = make_objective(cfg, model)
         optimizer = build_optimizer(model, cfg)

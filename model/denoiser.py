@@ -12,6 +12,11 @@ Variants (model/diffusion/ holds their math): Prime replaces the input embedding
 embedding (input_ids are digits [b, s, l]; output logits stay over the V tokens); GenMD4 registers its
 learned schedule `genmd4_schedule` (w = softplus(raw)) so it trains and checkpoints with the network.
 
+Images (model.image_shape = [H, W, C]): rows are HWC-flattened 8-bit sub-pixels, one token each (V = 256
+plus the mask); learned row, column and channel embeddings are added to the token embedding, RoPE runs
+over the flattened index. Every sub-pixel is its own token, as in MD4's pixel models (no patching), so
+the ELBO is per dimension and bits/dim need no correction.
+
 Pipeline parallelism: a stage built with pre_process=False takes its input from `set_input_tensor` (megatron's
 schedules call it) and ignores input_ids; a stage with post_process=False returns hidden states [s, b, h].
 
@@ -117,6 +122,29 @@ def bidirectional_layer_spec(attention: str = "sdpa") -> ModuleSpec:
     return spec
 
 
+class PixelPositionEmbedding(torch.nn.Module):
+    """Where a sub-pixel token sits in an H x W x C image (rows are HWC-flattened): learned row, column
+    and channel embeddings, summed and added to the token embedding (replicated over TP: H + W + C rows).
+    With RoPE over the flattened index this gives the network both the 2-D layout and the channel."""
+
+    def __init__(self, image_shape, hidden_size: int, init_std: float):
+        super().__init__()
+        h, w, c = (int(v) for v in image_shape)
+        self.image_shape = (h, w, c)
+        self.row = torch.nn.Embedding(h, hidden_size)
+        self.col = torch.nn.Embedding(w, hidden_size)
+        self.channel = torch.nn.Embedding(c, hidden_size)
+        for emb in (self.row, self.col, self.channel):
+            torch.nn.init.normal_(emb.weight, std=init_std)
+
+    def forward(self, seq_len: int) -> Tensor:
+        """[s, 1, hidden] for the first seq_len positions."""
+        h, w, c = self.image_shape
+        idx = torch.arange(seq_len, device=self.row.weight.device)
+        pos = self.row(idx // (w * c)) + self.col((idx // c) % w) + self.channel(idx % c)
+        return pos.unsqueeze(1)
+
+
 class MaskedDiffusionTransformer(MegatronModule):
     """Embedding (+ RoPE or learned positions) -> bidirectional TransformerBlock (+ final norm) -> output
     ColumnParallelLinear -> vocab-parallel NLL. One pipeline stage of it when pre/post_process say so."""
@@ -125,7 +153,7 @@ class MaskedDiffusionTransformer(MegatronModule):
                  position_embedding: str = "rope", zero_init_output: bool = True,
                  make_vocab_size_divisible_by: int = 128, pre_process: bool = True,
                  post_process: bool = True, prime_l: int = 0, genmd4: Optional[tuple[float, float]] = None,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", image_shape: Optional[tuple[int, int, int]] = None):
         super().__init__(config=config)
         if position_embedding not in ("rope", "learned"):
             raise ValueError(f"position_embedding must be 'rope' or 'learned', got {position_embedding!r}")
@@ -158,6 +186,9 @@ class MaskedDiffusionTransformer(MegatronModule):
                 config=config, vocab_size=self.input_vocab_size, max_sequence_length=max_sequence_length,
                 position_embedding_type="rope" if position_embedding == "rope" else "learned_absolute",
                 tp_group=pgs.tp)
+        self.image_shape = tuple(image_shape) if image_shape else None
+        if pre_process and self.image_shape:
+            self.pixel_position = PixelPositionEmbedding(self.image_shape, config.hidden_size, config.init_method_std)
         if position_embedding == "rope":   # every stage applies RoPE inside its attention layers
             self.rotary_pos_emb = RotaryEmbedding(
                 kv_channels=config.kv_channels, rotary_percent=1.0,
@@ -213,6 +244,8 @@ class MaskedDiffusionTransformer(MegatronModule):
         else:
             hidden = None                                  # the block reads its set_input_tensor
             s = self.decoder.input_tensor.size(0)
+        if self.pre_process and self.image_shape:
+            hidden = hidden + self.pixel_position(s).to(hidden.dtype)
         rotary = self.rotary_pos_emb(s) if self.position_embedding == "rope" else None
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
         if not self.post_process:
@@ -317,7 +350,8 @@ def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_
         pre_process=pre_process, post_process=post_process,
         prime_l=diffusion_cfg.prime_l if kind == "prime" else 0,
         genmd4=(diffusion_cfg.eps, diffusion_cfg.genmd4_t1) if kind == "genmd4" else None,
-        attention=resolve_attention(getattr(model_cfg, "attention", "auto")))
+        attention=resolve_attention(getattr(model_cfg, "attention", "auto")),
+        image_shape=getattr(model_cfg, "image_shape", None))
 
 
 def build_pipeline_stage(model_cfg, *, diffusion_cfg=None,

@@ -108,3 +108,13 @@ def test_submit_rejects_bad_config_before_launching(tmp_path):
     assert out.returncode == 2
     assert "model.num_layerz" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_image_shape_is_a_list_of_ints_matching_seq_len(tmp_path):
+    p = write(tmp_path, {"model": {"seq_len": 48, "vocab_size": 256}})
+    cfg = load_config(p, ["model.image_shape=[4, 4, 3]"])
+    assert cfg.model.image_shape == [4, 4, 3]
+    with pytest.raises(ConfigError, match=r"model.image_shape\[1\]"):
+        load_config(p, ["model.image_shape=[4, x, 3]"])
+    with pytest.raises(ConfigError, match="model.image_shape.*seq_len=48"):
+        load_config(p, ["model.image_shape=[4, 4, 1]"])
