@@ -329,6 +329,9 @@ def encode_tasks(tasks: Iterable[Callable[[], list[str]]], tokenizer: str, split
             for t in tasks:
                 yield from emit(_encode_task(t, tokenizer, split_seed))
             return
+        from data_pipeline.tokenizer import get_encoding
+
+        get_encoding(tokenizer)        # built once here; forked workers inherit it
         ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
         with ctx.Pool(workers) as pool:
             pending: collections.deque = collections.deque()

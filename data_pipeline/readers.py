@@ -271,7 +271,7 @@ def _wikitext_articles(path: str) -> list[str]:
         cur.append(line)
     if any(l.strip() for l in cur):
         arts.append("".join(cur))
-    return [wikitext_detokenize(a).strip("\n") for a in arts]
+    return [wikitext_detokenize(a).strip() for a in arts]
 
 
 def _standard_files(path: str | Path, names: dict[str, str], what: str) -> dict[str, list[Task]]:
