@@ -182,24 +182,33 @@ def dtype_for_vocab(vocab_size: int) -> str:
     return "uint8" if vocab_size <= 256 else "uint16" if vocab_size <= 65536 else "uint32"
 
 
-def _clear_output(out: Path) -> None:
-    """`out` must be absent, empty, or a previous output of prepare (then its splits are removed)."""
-    if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
-            raise ValueError(f"{out} exists and is not a prepared data folder (no {MANIFEST_NAME}); "
-                             "refusing to overwrite it")
-        names = {"train", "val", "test"}
-        try:
-            names |= set(json.loads((out / MANIFEST_NAME).read_text()).get("splits", {}))
-        except (OSError, ValueError):
-            pass
-        for name in sorted(names) + [MANIFEST_NAME]:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+def _check_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
+        raise ValueError(f"{out} exists and is not a prepared data folder (no {MANIFEST_NAME}); "
+                         "refusing to overwrite it")
+
+
+def _install_output(tmp: Path, out: Path) -> None:
+    """Replace the splits and manifest of `out` (absent, empty, or a previous output) by tmp's."""
+    _check_output(out)
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+        return
+    names = {"train", "val", "test"}
+    try:
+        names |= set(json.loads((out / MANIFEST_NAME).read_text()).get("splits", {}))
+    except (OSError, ValueError):
+        pass
+    for name in sorted(names) + [MANIFEST_NAME]:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    for child in sorted(tmp.iterdir(), key=lambda c: c.name == MANIFEST_NAME):   # manifest last
+        child.rename(out / child.name)
+    tmp.rmdir()
 
 
 def write_splits(items: Iterable[tuple[str, Any]], out_dir: str | os.PathLike, seq_len: int, *,
@@ -215,8 +224,24 @@ def write_splits(items: Iterable[tuple[str, Any]], out_dir: str | os.PathLike, s
     t0 = time.perf_counter()
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    out = Path(out_dir)
-    _clear_output(out)
+    final = Path(out_dir)
+    _check_output(final)
+    out = final.parent / f".{final.name}.partial-{os.getpid()}"   # nothing half-written is left at `final`
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    try:
+        manifest = _write_splits(items, out, seq_len, splits, tokenizer, vocab_size, eos_id, split_info,
+                                 rows_mode, writer, shard_bytes, source, log, extra_manifest)
+        _install_output(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    log(f"wrote {final} in {time.perf_counter() - t0:.2f}s")
+    return manifest
+
+
+def _write_splits(items, out: Path, seq_len, splits, tokenizer, vocab_size, eos_id, split_info, rows_mode,
+                  writer, shard_bytes, source, log, extra_manifest) -> dict:
     dtype_name = dtype_for_vocab(vocab_size)
     writers: dict[str, SplitWriter] = {}
     for split, x in items:
@@ -258,10 +283,7 @@ def write_splits(items: Iterable[tuple[str, Any]], out_dir: str | os.PathLike, s
         "splits": infos,
         **(extra_manifest or {}),
     }
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out / MANIFEST_NAME)
-    log(f"wrote {out} in {time.perf_counter() - t0:.2f}s")
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 

@@ -146,7 +146,8 @@ def _xz_tar_docs(data: bytes | None, name: str) -> list[str]:
         if data is None:
             data = Path(name).read_bytes()
         docs = []
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tf:
+        raw = lzma.decompress(data)          # whole: a truncated stream fails here, not silently later
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
             for m in tf:
                 if m.isfile() and m.name.endswith(".txt"):
                     text = tf.extractfile(m).read().decode("utf-8")
@@ -170,6 +171,8 @@ def owt_tar_tasks(path: str | Path) -> Iterator[Task]:
                     if m.isfile() and m.name.endswith(".xz"):
                         n += 1
                         yield functools.partial(_xz_tar_docs, tf.extractfile(m).read(), f"{p}:{m.name}")
+                while tf.fileobj.read(1 << 20):      # to the end: a truncated .xz fails here
+                    pass
         except _DECODE_ERRORS as e:
             raise _corrupt(p, e) from None
         if n == 0:
