@@ -186,6 +186,8 @@ def test_zero_shot_sets_write_test_split(tmp_path):
     assert "== Gameplay ==" in arts[0] and "Speed was 3.5 m." in arts[0]
     assert arts[1].startswith("= Tower Building =") and "The building, built in 1895, stands." in arts[1]
     assert_gpt2_roundtrip(tmp_path / "ow", arts, "test")
+    from data_pipeline.loader import build_eval_loader          # what `evaluate --split test` reads
+    assert sum(len(b) for b in build_eval_loader(tmp_path / "ow", "test", 4, 0, 1)) == m["splits"]["test"]["rows"]
     # PTB
     ptb = " no it was n't black monday \n the $ N billion fund 's <unk> rose N N \n" * 20
     (tmp_path / "ptb.test.txt").write_text(ptb)
