@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import lzma
+import os
 import pickle
 import random
 import tarfile
@@ -299,3 +300,13 @@ def test_pretokenized_bin_and_npy(tmp_path):
         assert np.array_equal(got, want[:len(got)])
     assert main(["--format", "tokens", "--input", str(tmp_path), "--out", str(tmp_path / "x"), "--seq-len", "16",
                  "--tokenizer", "mytok", "--quiet"]) == 2                     # no --vocab-size
+
+
+FASHION_MNIST = Path(os.environ.get("MDIFF_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="real Fashion-MNIST not installed "
+                    "(apt-get install dataset-fashion-mnist, or set MDIFF_FASHION_MNIST)")
+def test_real_fashion_mnist(tmp_path):
+    m = prep("--format", "fashion-mnist", "--input", str(FASHION_MNIST), "--out", str(tmp_path / "o"))
+    assert (m["splits"]["train"]["rows"], m["splits"]["val"]["rows"], m["seq_len"]) == (60000, 10000, 784)

@@ -104,3 +104,27 @@ def test_webdataset_shards_and_remote_copy_give_the_same_batches(data, tmp_path)
         resolve_data_dir(f"file://{wds_dir}", cache)
     with pytest.raises(ValueError, match="nowhere/manifest.json: cannot fetch"):
         resolve_data_dir(f"file://{tmp_path}/nowhere", cache)
+
+
+def test_http_remote_through_webdataset_gopen(data, tmp_path):
+    """An https?:// data.path is fetched with webdataset's gopen (curl) into the cache."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl (webdataset's http opener) is not installed")
+    root = tmp_path / "srv"
+    _rows_dataset(root / "wds", writer="webdataset")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/wds"
+        local = resolve_data_dir(url, tmp_path / "cache")
+        assert (local / "manifest.json").is_file()
+        assert _run(local, 6, 3, 2, workers=0)[0] == _run(data, 6, 3, 2, workers=0)[0]
+    finally:
+        srv.shutdown()
