@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from data_pipeline.manifest import MANIFEST_NAME, FORMAT_VERSION, UNIGRAM_NAME, file_sha256
-from data_pipeline.tokenizer import EOS_ID, TOKENIZER_NAME, VOCAB_SIZE, gpt2_encoding
+from data_pipeline.tokenizer import TOKENIZER_NAME
 
 SPLIT_METHOD = "blake2b-64(seed_le64 || utf8(doc) | ids as <u4) / 2**64 < val_fraction"
 DEFAULT_SHARD_BYTES = 1 << 24

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import gzip
 import io
-import json
 import lzma
 import pickle
 import re
