@@ -1,11 +1,14 @@
 """manifest.json of a prepared data folder, and the checks the trainer runs before using it.
 
 manifest.json (written by data_pipeline.prepare), keys:
-    format_version, tokenizer ("gpt2"), vocab_size (50257), eos_id (50256), seq_len, dtype ("uint16"),
-    column ("tokens"), source, documents,
-    split: {seed, val_fraction, method},
-    splits: {train|val: {documents, tokens_total, rows, tokens, dropped_tokens,
-                         files: [{path (relative to the data folder), bytes, sha256}]}}
+    format_version, tokenizer ("gpt2" | "text8" | "pixels" | a pre-tokenized vocabulary's name),
+    vocab_size (50257 | 27 | 256 | V), eos_id (50256 | null | E), seq_len, dtype ("uint8"/"uint16"/"uint32"),
+    column ("tokens"), writer ("mds" | "webdataset"; absent = mds), source, documents,
+    image_shape ([H, W, C], pixels only: one HWC-flattened image per row, seq_len = H*W*C),
+    split: {seed, val_fraction, method} (hashed) or {method} (the dataset's standard splits),
+    splits: {train|val|test: {documents, tokens_total, rows, tokens, dropped_tokens,
+                              shards: [{path, rows}] (webdataset only),
+                              files: [{path (relative to the data folder), bytes, sha256}]}}
 """
 from __future__ import annotations
 

@@ -74,6 +74,36 @@ def sotu_documents(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> list[str]:
     return docs
 
 
+def read_text_file(f: Path) -> list[str]:
+    """*.txt: the file is one document. *.jsonl: one document per line, {"text": ...}. Empty documents
+    are skipped; errors name the file (and line)."""
+    docs: list[str] = []
+    if f.suffix == ".txt":
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f}: not UTF-8 text ({e})") from None
+        if text.strip():
+            docs.append(text)
+    elif f.suffix == ".jsonl":
+        with f.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    text = obj["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{f}:{lineno}: expected a JSON object with a \"text\" field") from e
+                if not isinstance(text, str):
+                    raise ValueError(f"{f}:{lineno}: \"text\" must be a string")
+                if text.strip():
+                    docs.append(text)
+    else:
+        raise ValueError(f"unsupported file type (want .txt or .jsonl): {f}")
+    return docs
+
+
 def text_dir_documents(path: str | Path) -> list[str]:
     """Documents from a folder (searched recursively, sorted by relative path) or a single file.
 
@@ -88,28 +118,7 @@ def text_dir_documents(path: str | Path) -> list[str]:
                        key=lambda f: f.relative_to(p).as_posix())
     else:
         raise FileNotFoundError(f"no such file or folder: {p}")
-    docs: list[str] = []
-    for f in files:
-        if f.suffix == ".txt":
-            text = f.read_text(encoding="utf-8")
-            if text.strip():
-                docs.append(text)
-        elif f.suffix == ".jsonl":
-            with f.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                        text = obj["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{f}:{lineno}: expected a JSON object with a \"text\" field") from e
-                    if not isinstance(text, str):
-                        raise ValueError(f"{f}:{lineno}: \"text\" must be a string")
-                    if text.strip():
-                        docs.append(text)
-        else:
-            raise ValueError(f"unsupported file type (want .txt or .jsonl): {f}")
+    docs = [d for f in files for d in read_text_file(f)]
     if not docs:
         raise ValueError(f"no documents found in {p} (looked for non-empty .txt files and .jsonl lines)")
     return docs

@@ -117,7 +117,9 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--cluster {args.cluster}: {e}" if args.cluster else str(e)) from None
         validate_world(cfg, world, args.config)
         data = Path(cfg.data.path)
-        if not args.dry_run:
+        from data_pipeline.loader import is_remote
+
+        if not args.dry_run and not is_remote(cfg.data.path):   # remote data is fetched and checked by train
             if not (data / "manifest.json").is_file():
                 raise ConfigError(f"{args.config}: data.path = {cfg.data.path!r} has no manifest.json; "
                                   f"prepare it with `python -m data_pipeline.prepare --out {cfg.data.path} ...`")

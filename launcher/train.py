@@ -173,7 +173,7 @@ class Trainer:
     # ----- setup ------------------------------------------------------------------------------
     def setup(self):
         import deepspeed
-        from data_pipeline.loader import build_eval_loader, build_train_loader
+        from data_pipeline.loader import build_eval_loader, build_train_loader, resolve_data_dir
         from data_pipeline.manifest import check_manifest
         from launcher.distributed import MegatronMPU, init_distributed
         from model.denoiser import build_pipeline_stage
@@ -186,7 +186,10 @@ class Trainer:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
         validate_world(cfg, info.world_size, str(self.run_dir / "config.yaml"))
-        manifest = check_manifest(cfg.data.path, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
+        # a remote data.path (s3://, gs://, https://, file://, ...) is copied into the local cache
+        # ($MDIFF_DATA_CACHE_DIR, default ~/.cache/mdiff/data), every file checked against its sha256
+        self.data_dir = data_dir = resolve_data_dir(cfg.data.path)
+        manifest = check_manifest(data_dir, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
                                   vocab_size=cfg.model.vocab_size, image_shape=cfg.model.image_shape)
         self.image_shape = cfg.model.image_shape or manifest.get("image_shape")
         model = build_pipeline_stage(cfg.model, diffusion_cfg=cfg.diffusion)
@@ -200,10 +203,10 @@ class Trainer:
 
         install_safe_loading(self.engine)   # checkpoints load weights-only: no pickled code runs
         self.gas = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * info.dp_size)
-        self.train_loader = build_train_loader(cfg.data.path, cfg.data.train_split, cfg.optim.micro_batch_size,
+        self.train_loader = build_train_loader(data_dir, cfg.data.train_split, cfg.optim.micro_batch_size,
                                                info.dp_rank, info.dp_size, seed=cfg.run.seed,
                                                num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle)
-        self._build_eval_loader = lambda: build_eval_loader(cfg.data.path, cfg.data.val_split,
+        self._build_eval_loader = lambda: build_eval_loader(data_dir, cfg.data.val_split,
                                                             cfg.optim.micro_batch_size, info.dp_rank, info.dp_size)
         self.step = 0
         self.tokens_seen = 0
@@ -551,7 +554,7 @@ class Trainer:
         if info.is_main:
             from data_pipeline.loader import unigram_perplexity
 
-            result["unigram_ppl"] = unigram_perplexity(cfg.data.path)
+            result["unigram_ppl"] = unigram_perplexity(self.data_dir)
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
         if self.writer is not None:
             self.writer.close()

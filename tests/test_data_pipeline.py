@@ -167,12 +167,13 @@ def test_train_loader_dp_ranks_disjoint_and_tp_peers_identical(small_data):
     bp = [next(peer) for _ in range(steps)]
     assert all(torch.equal(x, y) for x, y in zip(b1, bp))
     assert b0[0].shape == (B, 64) and b0[0].dtype == torch.long
-    ids0 = {i for s in range(steps) for i in r0.batch_indices(0, s).tolist()}
-    ids1 = {i for s in range(steps) for i in r1.batch_indices(0, s).tolist()}
+    G = B * 2
+    ids0 = {i for s in range(steps) for i in r0.batch_indices(s * G).tolist()}
+    ids1 = {i for s in range(steps) for i in r1.batch_indices(s * G).tolist()}
     assert len(ids0) == len(ids1) == steps * B and not ids0 & ids1
     # the batch contents are the rows those ids name
     rows = MDSRows(out, "train")
-    assert torch.equal(b1[5], torch.stack([rows[i] for i in r1.batch_indices(0, 5)]))
+    assert torch.equal(b1[5], torch.stack([rows[i] for i in r1.batch_indices(5 * G)]))
     rows0 = {tuple(r.tolist()) for b in b0 for r in b}
     assert not rows0 & {tuple(r.tolist()) for b in b1 for r in b}
     # another seed gives another order
@@ -183,19 +184,22 @@ def test_train_loader_dp_ranks_disjoint_and_tp_peers_identical(small_data):
 
 
 def test_train_loader_epochs_cover_rows(tiny_data):
+    """Each epoch of the global stream visits every row exactly once, across ranks, with nothing dropped."""
     out, m = tiny_data
     n = m["splits"]["train"]["rows"]
     B, dp = 3, 2
     loaders = [build_train_loader(out, "train", B, r, dp, seed=0, num_workers=0) for r in range(dp)]
-    spe = loaders[0].steps_per_epoch
-    assert spe == n // (B * dp) >= 2
-    for epoch in range(2):
-        seen = [i for s in range(spe) for l in loaders for i in l.batch_indices(epoch, s).tolist()]
-        assert len(seen) == len(set(seen)) == spe * B * dp
+    G = B * dp
+    steps = 3 * n // G + 1                                   # three epochs and a bit
+    seen = [i for s in range(steps) for l in loaders for i in l.batch_indices(s * G).tolist()]
+    assert seen == loaders[0].sample_ids(0, steps * G).tolist()
+    for e in range(3):
+        assert sorted(seen[e * n:(e + 1) * n]) == list(range(n))
     assert not np.array_equal(loaders[0].epoch_order(0), loaders[0].epoch_order(1))
-    for _ in range(spe):
+    for _ in range(steps):
         next(loaders[0])
-    assert loaders[0].state_dict()["epoch"] == 1 and loaders[0].state_dict()["step_in_epoch"] == 0
+    sd = loaders[0].state_dict()
+    assert sd["samples_seen"] == steps * G and sd["epoch"] == steps * G // n
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
