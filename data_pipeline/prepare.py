@@ -474,7 +474,7 @@ FORMATS = {
     "lm1b": ("standard-text", "news.en.heldout-00000-of-00050 or the heldout folder -> test"),
     "cifar10": ("images", "cifar-10-python.tar.gz"),
     "imagenet": ("images", "folder of downsampled ImageNet train_data_batch_N(.npz) + val_data(.npz)"),
-    "fashion-mnist": ("images", "folder of Fashion-MNIST idx files (.gz or not)"),
+    "fashion-mnist": ("images", "folder of Fashion-MNIST idx files (.gz or not); none: Debian's dataset-fashion-mnist"),
     "tokens": ("tokens", "a .npy/.bin file or a folder of them (EOS-separated documents)"),
 }
 
@@ -490,6 +490,10 @@ def run(a: argparse.Namespace) -> dict:
     from data_pipeline.tokenizer import KNOWN_TOKENIZERS
 
     fmt, kind = a.format, FORMATS[a.format][0]
+    if a.input is None and fmt == "fashion-mnist":   # Debian ships it: fetch it (apt-get download, no root)
+        from data_pipeline.sources import fetch_fashion_mnist
+
+        a.input = str(fetch_fashion_mnist(a.cache_dir))
     if a.input is None and fmt not in ("sotu", "linux-doc"):
         raise ValueError(f"--format {fmt} needs --input ({FORMATS[fmt][1]})")
     source = a.input or fmt

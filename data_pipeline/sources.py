@@ -128,15 +128,54 @@ LINUX_DOC_PACKAGE = "linux-doc-6.1"
 LINUX_DOC_SOURCES = "usr/share/doc/linux-doc-6.1/html/_sources"
 
 
-def fetch_linux_doc(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
-    """Debian's linux-doc-6.1 (the Linux kernel's documentation, GPL-2.0), downloaded with
-    `apt-get download` and unpacked with `dpkg -x` into cache_dir (nothing is installed); returns the
-    folder of its reStructuredText sources (~3,200 files, 8M GPT-2 tokens of English technical prose)."""
+def fetch_deb(package: str, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
+    """A Debian package downloaded with `apt-get download` (no root needed) and unpacked with `dpkg -x`
+    into cache_dir/<package> (nothing is installed); returns that folder. Cached: a second call is free."""
     cache = Path(cache_dir)
-    root = cache / LINUX_DOC_PACKAGE
+    root = cache / package
     done = root / ".complete"
     if done.is_file():
-        return root / LINUX_DOC_SOURCES
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    debs = sorted(cache.glob(f"{package}_*.deb"))
+    cmd = ["apt-get", "download", package]
+    if not debs:
+        if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+            raise RuntimeError(f"apt-get and dpkg are needed to fetch {package} with: {' '.join(cmd)}")
+        proc = subprocess.run(cmd, cwd=cache, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:   # a fresh machine may have no package lists yet
+            subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(cmd, cwd=cache, capture_output=True, text=True, timeout=600)
+        debs = sorted(cache.glob(f"{package}_*.deb"))
+        if proc.returncode != 0 or not debs:
+            raise RuntimeError(f"fetching {package} failed (exit {proc.returncode}): "
+                               f"(cd {cache} && {' '.join(cmd)})\n{proc.stderr.strip()[-2000:]}")
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(["dpkg", "-x", str(debs[-1]), str(tmp)], check=True, capture_output=True, timeout=600)
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    done.write_text(debs[-1].name + "\n")
+    return root
+
+
+def fetch_linux_doc(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
+    """Debian's linux-doc-6.1 (the Linux kernel's documentation, GPL-2.0); returns the folder of its
+    reStructuredText sources (~3,200 files, 8M GPT-2 tokens of English technical prose)."""
+    return fetch_deb(LINUX_DOC_PACKAGE, cache_dir) / LINUX_DOC_SOURCES
+
+
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+
+
+def fetch_fashion_mnist(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
+    """Debian's dataset-fashion-mnist (all 70k Fashion-MNIST images as idx .gz files, MIT, 30 MB); returns
+    the folder of the idx files (what `prepare --format fashion-mnist --input` reads)."""
+    root = fetch_deb(FASHION_MNIST_PACKAGE, cache_dir)
+    found = sorted({p.parent for p in root.rglob("train-images-idx3-ubyte*")})
+    if not found:
+        raise RuntimeError(f"{root}: no train-images-idx3-ubyte file in the unpacked {FASHION_MNIST_PACKAGE}")
+    return found[0]
     cache.mkdir(parents=True, exist_ok=True)
     debs = sorted(cache.glob(f"{LINUX_DOC_PACKAGE}_*.deb"))
     cmd = ["apt-get", "download", LINUX_DOC_PACKAGE]

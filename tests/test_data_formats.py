@@ -11,6 +11,8 @@ import random
 import tarfile
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+
 import numpy as np
 import pytest
 
@@ -301,11 +303,10 @@ def test_pretokenized_bin_and_npy(tmp_path):
                  "--tokenizer", "mytok", "--quiet"]) == 2                     # no --vocab-size
 
 
-FASHION_MNIST = Path(os.environ.get("MDIFF_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-
-
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="real Fashion-MNIST not installed "
-                    "(apt-get install dataset-fashion-mnist, or set MDIFF_FASHION_MNIST)")
 def test_real_fashion_mnist(tmp_path):
-    m = prep("--format", "fashion-mnist", "--input", str(FASHION_MNIST), "--out", str(tmp_path / "o"))
+    """The real 70k images, fetched from Debian's dataset-fashion-mnist (apt-get download, no root)."""
+    from data_pipeline.sources import fetch_fashion_mnist
+
+    src = Path(os.environ.get("MDIFF_FASHION_MNIST") or fetch_fashion_mnist(REPO / "data" / "cache"))
+    m = prep("--format", "fashion-mnist", "--input", str(src), "--out", str(tmp_path / "o"))
     assert (m["splits"]["train"]["rows"], m["splits"]["val"]["rows"], m["seq_len"]) == (60000, 10000, 784)

@@ -73,3 +73,32 @@ def test_prime_pipeline_matches_single_process(tmp_path, data_dir):
     kind = ["diffusion.kind=prime", "diffusion.prime_l=2", "model.num_layers=2", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
     assert_same(run(tmp_path, data_dir, "prime_pp2", 2, *kind, "parallel.pipeline_parallel=2"),
                 run(tmp_path, data_dir, "prime_single_gas", 1, *kind))
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory):
+    """Real images: Fashion-MNIST from Debian's dataset-fashion-mnist (28x28x1, uint8 HWC rows)."""
+    import subprocess
+
+    from test_train_e2e import PY, REPO, env
+
+    out = tmp_path_factory.mktemp("data") / "fmnist"
+    subprocess.run([PY, "-m", "data_pipeline.prepare", "--format", "fashion-mnist", "--out", str(out), "--quiet",
+                    "--cache-dir", str(REPO / "data" / "cache")], check=True, cwd=REPO, env=env(), capture_output=True)
+    return out
+
+
+IMAGE = ["model.seq_len=784", "model.vocab_size=256", "model.image_shape=[28, 28, 1]", "data.tokenizer=pixels",
+         "logging.eval_batches=2", "diffusion.schedule=cosine"]
+
+
+@pytest.mark.slow
+def test_image_denoiser_tp2_matches_single_process_and_draws_a_grid(tmp_path, fmnist_dir):
+    ref = run(tmp_path, fmnist_dir, "img_single", 1, *IMAGE)
+    assert_same(run(tmp_path, fmnist_dir, "img_tp2", 2, *IMAGE, "parallel.tensor_parallel=2",
+                    "logging.sample_at_end=true", "logging.num_samples=4", "sampler.steps=4"), ref)
+    grid = tmp_path / "runs" / "img_tp2" / "samples" / "step_00000004.png"
+    from PIL import Image
+
+    with Image.open(grid) as im:
+        assert im.size == (2 + 2 * 30, 2 + 2 * 30)    # 2 x 2 images of 28 px, 2 px gaps
