@@ -104,6 +104,7 @@ class ParallelConfig:
 class CheckpointConfig:
     interval: int = 100
     keep_last: int = 2
+    init_from: str = ""            # an export directory (launcher/export.py) to start from; ignored when resuming
 
 
 @dataclass

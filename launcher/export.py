@@ -358,14 +358,20 @@ def load_into_megatron(model: torch.nn.Module, export_dir: str | Path, cfg) -> d
 
     exp_cfg, tensors, doc = read_export(export_dir)
     where = Path(export_dir) / CONFIG_FILE
-    for section in ("model", "diffusion"):
-        a, b = getattr(exp_cfg, section), getattr(cfg, section)
-        for key, value in vars(b).items():
-            if key in ("dropout",):
-                continue
-            if getattr(a, key) != value:
-                raise ExportError(f"{where}: {section}.{key} = {getattr(a, key)!r} in the export, "
-                                  f"{value!r} in this run; init_from needs the same architecture and diffusion")
+    a, b = exp_cfg, cfg
+    for key, x, y in (("model.num_layers", a.model.num_layers, b.model.num_layers),
+                      ("model.hidden_size", a.model.hidden_size, b.model.hidden_size),
+                      ("model.num_attention_heads", a.model.num_attention_heads, b.model.num_attention_heads),
+                      ("model.ffn_hidden_size", a.model.ffn_hidden_size or 4 * a.model.hidden_size,
+                       b.model.ffn_hidden_size or 4 * b.model.hidden_size),
+                      ("model.vocab_size", a.model.vocab_size, b.model.vocab_size),
+                      ("model.position_embedding", a.model.position_embedding, b.model.position_embedding),
+                      ("diffusion.kind", a.diffusion.kind, b.diffusion.kind),
+                      ("diffusion.prime_l", a.diffusion.prime_l if a.diffusion.kind == "prime" else None,
+                       b.diffusion.prime_l if b.diffusion.kind == "prime" else None)):
+        if x != y:
+            raise ExportError(f"{where}: {key} = {x!r} in the export, {y!r} in this run; "
+                              "init_from needs the same architecture and diffusion kind")
     tp_rank = ps.get_tensor_model_parallel_rank()
     offset = ps.get_pipeline_model_parallel_rank() * (cfg.model.num_layers // ps.get_pipeline_model_parallel_world_size())
     with torch.no_grad():

@@ -185,6 +185,15 @@ class Trainer:
         check_manifest(cfg.data.path, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
                        vocab_size=cfg.model.vocab_size)
         model = build_denoiser(cfg.model, diffusion_cfg=cfg.diffusion)
+        if cfg.checkpoint.init_from:
+            # an export (any source layout): each rank slices its TP/PP shard; a resumable checkpoint,
+            # loaded below, takes precedence
+            from launcher.export import load_into_megatron
+
+            doc = load_into_megatron(model, cfg.checkpoint.init_from, cfg)
+            if info.is_main:
+                print(f"initialised from {cfg.checkpoint.init_from} ({doc['weights']} weights of step "
+                      f"{doc.get('step')})", flush=True)
         self.objective = make_objective(cfg, model)
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
