@@ -180,12 +180,13 @@ def strip_padding(full: dict[str, torch.Tensor], vocab_size: int) -> dict[str, t
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def checkpoint_weights(path: str | Path, weights: str | None = None):
-    """(cfg, export tensors, meta) of a checkpoint. weights: 'ema', 'raw' or None (EMA if present)."""
+def checkpoint_weights(path: str | Path, weights: str | None = None, cfg=None):
+    """(cfg, export tensors, meta) of a checkpoint. weights: 'ema', 'raw' or None (EMA if present).
+    cfg: the run's config (default: read from the run directory's config.yaml)."""
     from launcher.config import load_config
 
     tag_dir, cfg_path = resolve_checkpoint(path)
-    cfg = load_config(cfg_path)
+    cfg = cfg if cfg is not None else load_config(cfg_path)
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     shards = read_checkpoint(tag_dir, tp, pp)
     has_ema = all(s["ema"] is not None for s in shards.values())
