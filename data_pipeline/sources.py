@@ -176,27 +176,6 @@ def fetch_fashion_mnist(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     if not found:
         raise RuntimeError(f"{root}: no train-images-idx3-ubyte file in the unpacked {FASHION_MNIST_PACKAGE}")
     return found[0]
-    cache.mkdir(parents=True, exist_ok=True)
-    debs = sorted(cache.glob(f"{LINUX_DOC_PACKAGE}_*.deb"))
-    cmd = ["apt-get", "download", LINUX_DOC_PACKAGE]
-    if not debs:
-        if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-            raise RuntimeError(f"apt-get and dpkg are needed to fetch the corpus with: {' '.join(cmd)}")
-        proc = subprocess.run(cmd, cwd=cache, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:   # a fresh machine may have no package lists yet
-            subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=600)
-            proc = subprocess.run(cmd, cwd=cache, capture_output=True, text=True, timeout=600)
-        debs = sorted(cache.glob(f"{LINUX_DOC_PACKAGE}_*.deb"))
-        if proc.returncode != 0 or not debs:
-            raise RuntimeError(f"fetching the linux-doc corpus failed (exit {proc.returncode}): "
-                               f"(cd {cache} && {' '.join(cmd)})\n{proc.stderr.strip()[-2000:]}")
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run(["dpkg", "-x", str(debs[-1]), str(tmp)], check=True, capture_output=True, timeout=600)
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    done.write_text(debs[-1].name + "\n")
-    return root / LINUX_DOC_SOURCES
 
 
 def linux_doc_documents(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> list[str]:

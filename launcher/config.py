@@ -108,6 +108,7 @@ class CheckpointConfig:
     interval: int = 100
     keep_last: int = 2
     keep_every: int = 0              # also keep every checkpoint whose step is a multiple of this (0 = none)
+    init_from: str = ""            # an export directory (launcher/export.py) to start from; ignored when resuming
 
 
 @dataclass

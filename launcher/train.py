@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from launcher.config import Config, load_config, validate_world
 from model.diffusion import antithetic_times
-from model.objectives import bound_summary, heldout_nelbo, make_objective, row_noise  # noqa: F401
+from model.objectives import bound_summary, heldout_nelbo, make_objective, row_noise  # noqa: F401  (re-export)
 
 LN2 = math.log(2.0)
 
@@ -193,6 +193,15 @@ class Trainer:
                                   vocab_size=cfg.model.vocab_size, image_shape=cfg.model.image_shape)
         self.image_shape = cfg.model.image_shape or manifest.get("image_shape")
         model = build_pipeline_stage(cfg.model, diffusion_cfg=cfg.diffusion)
+        if cfg.checkpoint.init_from:
+            # an export (any source layout): each rank slices its TP/PP shard; a resumable checkpoint,
+            # loaded below, takes precedence
+            from launcher.export import load_into_megatron
+
+            doc = load_into_megatron(model, cfg.checkpoint.init_from, cfg)
+            if info.is_main:
+                print(f"initialised from {cfg.checkpoint.init_from} ({doc['weights']} weights of step "
+                      f"{doc.get('step')})", flush=True)
         self.objective = make_objective(cfg, model)
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

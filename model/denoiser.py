@@ -44,6 +44,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from model.pixels import PixelPositionEmbedding
+
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -120,29 +122,6 @@ def bidirectional_layer_spec(attention: str = "sdpa") -> ModuleSpec:
     if resolve_attention(attention) == "sdpa":
         attn.submodules.core_attention = SDPACoreAttention
     return spec
-
-
-class PixelPositionEmbedding(torch.nn.Module):
-    """Where a sub-pixel token sits in an H x W x C image (rows are HWC-flattened): learned row, column
-    and channel embeddings, summed and added to the token embedding (replicated over TP: H + W + C rows).
-    With RoPE over the flattened index this gives the network both the 2-D layout and the channel."""
-
-    def __init__(self, image_shape, hidden_size: int, init_std: float):
-        super().__init__()
-        h, w, c = (int(v) for v in image_shape)
-        self.image_shape = (h, w, c)
-        self.row = torch.nn.Embedding(h, hidden_size)
-        self.col = torch.nn.Embedding(w, hidden_size)
-        self.channel = torch.nn.Embedding(c, hidden_size)
-        for emb in (self.row, self.col, self.channel):
-            torch.nn.init.normal_(emb.weight, std=init_std)
-
-    def forward(self, seq_len: int) -> Tensor:
-        """[s, 1, hidden] for the first seq_len positions."""
-        h, w, c = self.image_shape
-        idx = torch.arange(seq_len, device=self.row.weight.device)
-        pos = self.row(idx // (w * c)) + self.col((idx // c) % w) + self.channel(idx % c)
-        return pos.unsqueeze(1)
 
 
 class MaskedDiffusionTransformer(MegatronModule):

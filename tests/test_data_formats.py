@@ -14,7 +14,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 import numpy as np
-import pytest
 
 from data_pipeline import readers
 from data_pipeline.loader import open_rows

@@ -8,6 +8,7 @@ import torch
 
 from model.diffusion import (GenMD4Schedule, logits_to_probs, make_schedule, sample, sample_genmd4, sample_prime,
                              sample_semi_ar, time_grid, top_p_filter)
+from model.diffusion.samplers import semi_autoregressive
 from model.diffusion.oracle import JointOracle, total_variation
 
 N, V, MASK = 3, 5, 5
@@ -157,3 +158,28 @@ def test_semi_autoregressive_generation_beyond_the_context():
     x, stats = sample_semi_ar(den, 3, 20, ctx, 2, Vm, Vm, make_schedule("cosine"), steps=16, generator=g)
     assert x.shape == (3, 20) and stats["windows"] == 1 + math.ceil((20 - ctx) / 2)
     assert torch.all((x[:, 1:] - x[:, :-1]) % Vm == 1)
+
+
+def test_semi_autoregressive_windows_keep_the_overlap_and_the_given_tokens():
+    """Generic window driver (any kind's sampler): each window's prefix is the previous tokens, and tokens
+    fixed anywhere in the long sequence (prefix, infill) land at their positions in whichever window covers them."""
+    ctx, stride, total = 8, 3, 20
+    seen = []
+
+    def window(given):                         # fills free positions with a running counter, records its input
+        seen.append(given.clone())
+        out = given.clone()
+        free = out < 0
+        out[free] = 100 + len(seen)
+        return out, {"network_calls": 2}
+
+    given = torch.full((1, total), -1)
+    given[0, :3] = torch.tensor([1, 2, 3])     # prefix
+    given[0, 15] = 7                          # an infill anchor in a later window
+    x, stats = semi_autoregressive(window, 2, total, ctx, stride, given)
+    assert x.shape == (2, total) and stats["windows"] == 1 + math.ceil((total - ctx) / stride)
+    assert stats["network_calls"] == 2 * stats["windows"]
+    assert x[0, :3].tolist() == [1, 2, 3] and x[0, 15] == 7 and x[1, 15] == 7
+    for k in range(1, len(seen)):              # window k's first ctx - stride tokens are what was generated before
+        start = ctx + (k - 1) * stride - (ctx - stride)
+        assert torch.equal(seen[k][:, : ctx - stride], x[:, start: start + ctx - stride])

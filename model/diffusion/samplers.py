@@ -242,22 +242,47 @@ def sample_prime(denoiser, batch_size: int, seq_len: int, vocab_size: int, l: in
 # ----- semi-autoregressive generation beyond the context (MDLM) --------------------------------------
 
 @torch.no_grad()
+def semi_autoregressive(sample_window, batch_size: int, total_len: int, context_len: int, stride: int,
+                        given: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Generate total_len > context_len tokens with any window sampler (MD4, GenMD4, Prime).
+
+    sample_window(window_given [B, context_len], -1 = free) -> (tokens [B, context_len], {'network_calls', ...}).
+    The first window covers positions [0, context_len); each next one keeps the last context_len - stride
+    tokens generated so far as its fixed prefix and samples `stride` new ones. `given` [B or 1, total_len]
+    (-1 = free) fixes tokens anywhere in the whole sequence (prefix, infill); each window sees the part of
+    it that falls on its new positions. Returns (tokens [B, total_len], {'network_calls', 'windows'})."""
+    if not 0 < stride <= context_len:
+        raise ValueError("need 0 < stride <= context_len")
+    if given is not None:
+        given = given.long().expand(batch_size, total_len)
+    first = None if given is None else given[:, :context_len].clone()
+    tokens, stats = sample_window(first if first is not None else
+                                  torch.full((batch_size, context_len), -1, dtype=torch.long))
+    calls, windows = stats["network_calls"], 1
+    keep = context_len - stride
+    while tokens.shape[1] < total_len:
+        start = tokens.shape[1] - keep                 # this window covers [start, start + context_len)
+        window_given = torch.full((batch_size, context_len), -1, dtype=torch.long, device=tokens.device)
+        if keep:
+            window_given[:, :keep] = tokens[:, -keep:]
+        if given is not None:
+            seg = given[:, start + keep: start + context_len].to(tokens.device)
+            window_given[:, keep: keep + seg.shape[1]] = seg
+        window, st = sample_window(window_given)
+        tokens = torch.cat([tokens, window[:, keep:]], dim=1)
+        calls += st["network_calls"]
+        windows += 1
+    return tokens[:, :total_len], {"network_calls": calls, "windows": windows}
+
+
+@torch.no_grad()
 def sample_semi_ar(denoiser, batch_size: int, total_len: int, context_len: int, stride: int, mask_id: int,
                    vocab_size: int, schedule: Schedule, **kwargs) -> tuple[torch.Tensor, dict]:
     """Sliding window: sample a full context, then repeatedly keep its last context_len - stride tokens as a
     given prefix and sample `stride` new tokens, until total_len tokens exist. kwargs go to `sample`."""
-    if not 0 < stride <= context_len:
-        raise ValueError("need 0 < stride <= context_len")
-    tokens, stats = sample(denoiser, batch_size, context_len, mask_id, vocab_size, schedule, **kwargs)
-    calls, windows = stats["network_calls"], 1
-    keep = context_len - stride
-    while tokens.shape[1] < total_len:
-        given = torch.full((batch_size, context_len), -1, dtype=torch.long, device=tokens.device)
-        if keep:
-            given[:, :keep] = tokens[:, -keep:]
-        kwargs["device"] = tokens.device
-        window, st = sample(denoiser, batch_size, context_len, mask_id, vocab_size, schedule, given=given, **kwargs)
-        tokens = torch.cat([tokens, window[:, keep:]], dim=1)
-        calls += st["network_calls"]
-        windows += 1
-    return tokens[:, :total_len], {"network_calls": calls, "windows": windows, "steps": stats["steps"]}
+    def window(given: torch.Tensor):
+        return sample(denoiser, batch_size, context_len, mask_id, vocab_size, schedule, given=given,
+                      **{k: v for k, v in kwargs.items() if k != "given"})
+
+    tokens, stats = semi_autoregressive(window, batch_size, total_len, context_len, stride, kwargs.get("given"))
+    return tokens, {**stats, "steps": kwargs.get("steps", 128)}

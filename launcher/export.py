@@ -1,0 +1,425 @@
+#!/usr/bin/env python
+"""Export a training checkpoint of any layout to one safetensors file + config.json, and back.
+
+    python launcher/export.py runs/md4_tiny_demo --out exports/md4_tiny        # newest verified checkpoint, EMA if any
+    python launcher/export.py runs/x/checkpoints/step_00000500 --out e --raw --dtype bf16
+
+What a checkpoint holds (DeepSpeed 0.19.8, ZeRO 1/2, as launcher/checkpoint.py writes it): per model-parallel
+rank one `mp_rank_XX_model_states.pt` (written by data-parallel rank 0) whose `module` is that rank's
+full-precision shard of the megatron model, with the Trainer's client state (`step`, `tokens_seen`, and
+`ema`: {"decay", "shadow": {name: fp32 shard}} when optim.ema_decay > 0) merged in at the top level.
+The ZeRO optimizer files are not needed. Files load with torch.load(weights_only=True).
+
+Consolidation (megatron-core local spec, num_query_groups = num_attention_heads):
+  column-parallel (concatenate along dim 0): embedding.word_embeddings (vocab-parallel), linear_qkv
+      (heads are contiguous per rank, each head's rows [q; k; v]), linear_fc1, output_layer (vocab-parallel);
+      their biases too.
+  row-parallel (dim 1): linear_proj.weight, linear_fc2.weight; their biases are replicated.
+  replicated: layer norms, learned positions, Prime's sub-token table, GenMD4's `genmd4_schedule.raw`.
+  pipeline stages: stage p's decoder.layers.i is global layer p * L / PP + i.
+  vocabulary padding is stripped: word embeddings keep V + 1 rows (the mask id is V), the output V.
+
+The export directory:
+  model.safetensors   tensor names as in model/plain.py (= the megatron names at TP = PP = 1, unpadded)
+  config.json         {"format": "mdiff-export", "config": the resolved training config, "weights": ema|raw,
+                       "dtype", "step", "tokens_seen", "code_version", "source": {...}, "sha256": ...}
+
+`load_plain(path)` gives a model/plain.PlainDenoiser from an export or a checkpoint; `load_into_megatron`
+(checkpoint.init_from) slices an export into this rank's TP/PP shard of a training model.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python launcher/export.py` puts launcher/ first, not the repo root
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+EXPORT_FORMAT = "mdiff-export"
+EXPORT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+_COLUMN = re.compile(r"(embedding\.word_embeddings\.weight|linear_qkv\.(weight|bias)|linear_fc1\.(weight|bias)"
+                     r"|output_layer\.weight)$")
+_ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_SHARD = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?_model_states\.pt$")
+
+
+class ExportError(RuntimeError):
+    """A checkpoint or export that cannot be read; the message names the file."""
+
+
+def partition_dim(name: str) -> int | None:
+    """Tensor-parallel split dimension of a megatron parameter by name (None: replicated)."""
+    if _COLUMN.search(name):
+        return 0
+    if _ROW.search(name):
+        return 1
+    return None
+
+
+def _renumber(name: str, offset: int) -> str:
+    return _LAYER.sub(lambda m: f"decoder.layers.{int(m[1]) + offset}.", name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """A run directory, its checkpoints/ folder or one step_XXXXXXXX folder -> (tag dir, run config.yaml).
+    Run or checkpoints folder: the newest checkpoint that verifies against its COMPLETE.json."""
+    from launcher import checkpoint
+
+    path = Path(path)
+    if checkpoint.TAG_RE.match(path.name):
+        tag_dir = path
+        problem = checkpoint.verify(tag_dir)
+        if problem is not None:
+            raise ExportError(f"checkpoint {tag_dir} is torn or incomplete: {problem}")
+    else:
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        if not root.is_dir():
+            raise ExportError(f"{path}: no such run, checkpoints or checkpoint directory")
+        tags = checkpoint.list_complete(root)
+        tag_dir, problems = None, []
+        for tag in reversed(tags):
+            problem = checkpoint.verify(root / tag)
+            if problem is None:
+                tag_dir = root / tag
+                break
+            problems.append(problem)
+        if tag_dir is None:
+            detail = "; ".join(problems) if problems else f"no step_XXXXXXXX folder with {checkpoint.COMPLETE}"
+            raise ExportError(f"{root}: no verified checkpoint ({detail})")
+    cfg_path = tag_dir.parent.parent / "config.yaml"
+    if not cfg_path.is_file():
+        raise ExportError(f"{cfg_path}: missing; the checkpoint {tag_dir} must sit in a run directory "
+                          "(<run>/checkpoints/step_XXXXXXXX) next to the run's config.yaml")
+    return tag_dir, cfg_path
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling/zip error means a bad file
+        raise ExportError(f"{path}: unreadable checkpoint shard ({type(e).__name__}: {e})") from None
+
+
+def read_checkpoint(tag_dir: Path, tp: int, pp: int) -> dict[tuple[int, int], dict]:
+    """{(tp_rank, pp_rank): {"module": state, "ema": shadow or None, "client": {...}}} of a checkpoint.
+    Shard files: mp_rank_{tp:02d}_{pp:03d}_model_states.pt (megatron naming) or, with one index,
+    mp_rank_{pp * TP + tp:02d}_model_states.pt."""
+    files = {}
+    for f in sorted(tag_dir.iterdir()):
+        m = _SHARD.match(f.name)
+        if m:
+            a, b = int(m[1]), m[2]
+            key = (a, int(b)) if b is not None else (a % tp, a // tp)
+            files[key] = f
+    zero3 = list(tag_dir.glob("zero_pp_rank_*_model_states.pt"))
+    if not files and zero3:
+        raise ExportError(f"{tag_dir}: ZeRO-3 partitioned model states ({zero3[0].name}); only ZeRO 1/2 "
+                          "checkpoints hold whole model-parallel shards")
+    want = {(t, p) for t in range(tp) for p in range(pp)}
+    missing = sorted(want - set(files))
+    if missing:
+        t, p = missing[0]
+        name = f"mp_rank_{t:02d}_model_states.pt" if pp == 1 else f"mp_rank_{t:02d}_{p:03d}_model_states.pt"
+        raise ExportError(f"{tag_dir / name}: missing (checkpoint layout TP={tp}, PP={pp}; found "
+                          f"{sorted(f.name for f in files.values())})")
+    shards = {}
+    for key in sorted(want):
+        state = _torch_load(files[key])
+        if "module" not in state:
+            raise ExportError(f"{files[key]}: no 'module' entry; not a DeepSpeed model-states file")
+        dims = state.get("checkpoint_parallel_dimensions") or {}
+        if dims and (dims.get("tp_degree", tp) != tp or dims.get("pp_degree", pp) != pp):
+            raise ExportError(f"{files[key]}: written at TP={dims.get('tp_degree')}, PP={dims.get('pp_degree')} "
+                              f"but the run config says TP={tp}, PP={pp}")
+        module = {k: v for k, v in state["module"].items() if not k.endswith("_extra_state")}
+        ema = state.get("ema")
+        shards[key] = {"module": module, "ema": ema["shadow"] if ema else None, "file": files[key],
+                       "client": {k: state.get(k) for k in ("step", "tokens_seen", "global_steps", "ds_version")}}
+    return shards
+
+
+def consolidate(parts: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int, pp: int,
+                num_layers: int) -> dict[str, torch.Tensor]:
+    """Per-(tp, pp) megatron state dicts -> one TP = PP = 1 state dict (still vocabulary-padded)."""
+    per_stage = num_layers // pp
+    full: dict[str, torch.Tensor] = {}
+    for p in range(pp):
+        names = list(parts[(0, p)])
+        for t in range(1, tp):
+            if set(parts[(t, p)]) != set(names):
+                raise ExportError(f"tensor-parallel ranks 0 and {t} of stage {p} hold different parameters")
+        for name in names:
+            pieces = [parts[(t, p)][name] for t in range(tp)]
+            dim = partition_dim(name)
+            tensor = pieces[0] if dim is None or tp == 1 else torch.cat(pieces, dim=dim)
+            full[_renumber(name, p * per_stage)] = tensor.detach().cpu().clone()
+    return full
+
+
+def strip_padding(full: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """Padded megatron vocab tensors -> V + 1 input rows, V output rows."""
+    out = dict(full)
+    if "embedding.word_embeddings.weight" in out:
+        out["embedding.word_embeddings.weight"] = out["embedding.word_embeddings.weight"][: vocab_size + 1]
+    out["output_layer.weight"] = out["output_layer.weight"][:vocab_size]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def checkpoint_weights(path: str | Path, weights: str | None = None, cfg=None):
+    """(cfg, export tensors, meta) of a checkpoint. weights: 'ema', 'raw' or None (EMA if present).
+    cfg: the run's config (default: read from the run directory's config.yaml)."""
+    from launcher.config import load_config
+
+    tag_dir, cfg_path = resolve_checkpoint(path)
+    cfg = cfg if cfg is not None else load_config(cfg_path)
+    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+    shards = read_checkpoint(tag_dir, tp, pp)
+    has_ema = all(s["ema"] is not None for s in shards.values())
+    if weights is None:
+        weights = "ema" if has_ema else "raw"
+    if weights == "ema" and not has_ema:
+        raise ExportError(f"{next(iter(shards.values()))['file']}: holds no EMA weights (optim.ema_decay was 0); "
+                          "use --raw")
+    parts = {}
+    for key, s in shards.items():
+        if weights == "ema":
+            missing = sorted(set(s["module"]) - set(s["ema"]))
+            if missing:
+                raise ExportError(f"{s['file']}: EMA lacks {missing[:3]}")
+            parts[key] = {k: s["ema"][k] for k in s["module"]}
+        else:
+            parts[key] = s["module"]
+    tensors = strip_padding(consolidate(parts, tp, pp, cfg.model.num_layers), cfg.model.vocab_size)
+    client = shards[(0, 0)]["client"]
+    version = (tag_dir.parent.parent / "code_version.txt")
+    meta = {"weights": weights, "step": client.get("step"), "tokens_seen": client.get("tokens_seen"),
+            "code_version": version.read_text().strip() if version.is_file() else "unknown",
+            "source": {"checkpoint": str(tag_dir.resolve()), "tensor_parallel": tp, "pipeline_parallel": pp,
+                       "zero_stage": cfg.parallel.zero_stage, "deepspeed": client.get("ds_version")}}
+    return cfg, tensors, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and reading an export
+# ---------------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _data_facts(cfg) -> dict:
+    """Tokenizer facts from the run's data manifest when it is still there (image_shape for pixels)."""
+    facts = {"tokenizer": cfg.data.tokenizer}
+    try:
+        from data_pipeline.manifest import load_manifest
+
+        m = load_manifest(cfg.data.path)
+        for key in ("eos_id", "image_shape", "source"):
+            if key in m:
+                facts[key] = m[key]
+    except (ValueError, OSError):
+        pass
+    return facts
+
+
+def write_export(out: str | Path, cfg, tensors: dict[str, torch.Tensor], meta: dict, dtype: str = "fp32") -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    cast = {k: (v.to(torch_dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(cast, str(tmp), metadata={"format": EXPORT_FORMAT, "weights": meta["weights"], "dtype": dtype})
+    tmp.replace(out / WEIGHTS_FILE)
+    m, d = cfg.model, cfg.diffusion
+    doc = {
+        "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION,
+        "architecture": {"num_layers": m.num_layers, "hidden_size": m.hidden_size,
+                         "num_attention_heads": m.num_attention_heads,
+                         "ffn_hidden_size": m.ffn_hidden_size or 4 * m.hidden_size,
+                         "position_embedding": m.position_embedding, "norm": "layernorm", "activation": "gelu",
+                         "rope_base": 10000, "seq_len": m.seq_len, "vocab_size": m.vocab_size,
+                         "mask_id": m.vocab_size},
+        "diffusion": {"kind": d.kind, "schedule": d.schedule, "eps": d.eps,
+                      **({"prime_l": d.prime_l} if d.kind == "prime" else {}),
+                      **({"genmd4_t1": d.genmd4_t1, "genmd4_w": "genmd4_schedule.raw (w = softplus(raw))"}
+                         if d.kind == "genmd4" else {})},
+        "data": _data_facts(cfg),
+        "weights": meta["weights"], "dtype": dtype, "step": meta.get("step"), "tokens_seen": meta.get("tokens_seen"),
+        "code_version": meta.get("code_version"), "source": meta.get("source"),
+        "config": cfg.to_dict(),
+        "sha256": {WEIGHTS_FILE: _sha256(out / WEIGHTS_FILE)},
+    }
+    tmp = out / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(out / CONFIG_FILE)
+    return out
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_export(path: str | Path, verify: bool = True):
+    """(cfg, tensors, doc) of an export directory; ExportError naming the file when it is bad."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from launcher.config import ConfigError, config_from_dict
+
+    path = Path(path)
+    cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    try:
+        doc = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{cfg_file}: unreadable ({e})") from None
+    if doc.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{cfg_file}: not an export (format {doc.get('format')!r}, want {EXPORT_FORMAT!r})")
+    if not weights_file.is_file():
+        raise ExportError(f"{weights_file}: missing")
+    want = (doc.get("sha256") or {}).get(WEIGHTS_FILE)
+    if verify and want and _sha256(weights_file) != want:
+        raise ExportError(f"{weights_file}: sha256 differs from {cfg_file} (torn or replaced)")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(f"{weights_file}: unreadable ({e})") from None
+    try:
+        cfg = config_from_dict(doc["config"], str(cfg_file))
+    except (ConfigError, KeyError) as e:
+        raise ExportError(f"{cfg_file}: bad config ({e})") from None
+    return cfg, tensors, doc
+
+
+def load_weights(path: str | Path, weights: str | None = None):
+    """(cfg, tensors, meta) from an export directory or any checkpoint / run directory."""
+    if is_export(path):
+        cfg, tensors, doc = read_export(path)
+        if weights is not None and weights != doc["weights"]:
+            raise ExportError(f"{Path(path) / CONFIG_FILE}: the export holds {doc['weights']} weights, "
+                              f"{weights} were asked for")
+        return cfg, tensors, doc
+    return checkpoint_weights(path, weights)
+
+
+def load_plain(path: str | Path, weights: str | None = None, dtype: torch.dtype = torch.float32):
+    """(PlainDenoiser in eval mode, cfg, meta) from an export or checkpoint."""
+    from model.plain import PlainDenoiser
+
+    cfg, tensors, meta = load_weights(path, weights)
+    model = PlainDenoiser.from_config(cfg.model, cfg.diffusion)
+    _load_strict(model, tensors, path)
+    return model.to(dtype).eval(), cfg, meta
+
+
+def _load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source) -> None:
+    own = dict(model.named_parameters())
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise ExportError(f"{source}: parameters do not match the model config: missing {missing[:4]}, "
+                          f"unexpected {extra[:4]}")
+    with torch.no_grad():
+        for name, p in own.items():
+            if tuple(tensors[name].shape) != tuple(p.shape):
+                raise ExportError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, the model "
+                                  f"config wants {tuple(p.shape)}")
+            p.copy_(tensors[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Back into training at any layout (checkpoint.init_from)
+# ---------------------------------------------------------------------------------------------
+
+def load_into_megatron(model: torch.nn.Module, export_dir: str | Path, cfg) -> dict:
+    """Copy an export into this rank's shard of a megatron denoiser (model/denoiser.py), built at any
+    TP/PP: re-pad the vocabulary, slice tensor-parallel tensors, shift layer numbers by the stage's
+    first layer. The export's architecture and diffusion kind must equal the run's. Returns the export's
+    config.json."""
+    from megatron.core import parallel_state as ps
+
+    exp_cfg, tensors, doc = read_export(export_dir)
+    where = Path(export_dir) / CONFIG_FILE
+    a, b = exp_cfg, cfg
+    for key, x, y in (("model.num_layers", a.model.num_layers, b.model.num_layers),
+                      ("model.hidden_size", a.model.hidden_size, b.model.hidden_size),
+                      ("model.num_attention_heads", a.model.num_attention_heads, b.model.num_attention_heads),
+                      ("model.ffn_hidden_size", a.model.ffn_hidden_size or 4 * a.model.hidden_size,
+                       b.model.ffn_hidden_size or 4 * b.model.hidden_size),
+                      ("model.vocab_size", a.model.vocab_size, b.model.vocab_size),
+                      ("model.position_embedding", a.model.position_embedding, b.model.position_embedding),
+                      ("diffusion.kind", a.diffusion.kind, b.diffusion.kind),
+                      ("diffusion.prime_l", a.diffusion.prime_l if a.diffusion.kind == "prime" else None,
+                       b.diffusion.prime_l if b.diffusion.kind == "prime" else None)):
+        if x != y:
+            raise ExportError(f"{where}: {key} = {x!r} in the export, {y!r} in this run; "
+                              "init_from needs the same architecture and diffusion kind")
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    offset = ps.get_pipeline_model_parallel_rank() * (cfg.model.num_layers // ps.get_pipeline_model_parallel_world_size())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gname = _renumber(name, offset)
+            if gname not in tensors:
+                raise ExportError(f"{Path(export_dir) / WEIGHTS_FILE}: lacks {gname}")
+            src = tensors[gname].to(p.dtype)
+            if getattr(p, "tensor_model_parallel", False):
+                dim, local = p.partition_dim, p.shape[p.partition_dim]
+                full_len = local * ps.get_tensor_model_parallel_world_size()
+                if src.shape[dim] > full_len:
+                    raise ExportError(f"{Path(export_dir) / WEIGHTS_FILE}: {gname} is larger than the model's")
+                if src.shape[dim] < full_len:      # vocabulary padding: zero rows past V (+ 1)
+                    pad = list(src.shape)
+                    pad[dim] = full_len - src.shape[dim]
+                    src = torch.cat([src, src.new_zeros(pad)], dim=dim)
+                src = src.narrow(dim, tp_rank * local, local)
+            if tuple(src.shape) != tuple(p.shape):
+                raise ExportError(f"{Path(export_dir) / WEIGHTS_FILE}: {gname} has shape {tuple(src.shape)}, "
+                                  f"this rank's parameter {tuple(p.shape)}")
+            p.copy_(src)
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="run directory, its checkpoints/ folder or a step_XXXXXXXX folder")
+    p.add_argument("--out", required=True, help="export directory (model.safetensors + config.json)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--raw", action="store_true", help="the trained weights, not their EMA")
+    which.add_argument("--ema", action="store_true", help="the EMA weights (default when the checkpoint has them)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    a = p.parse_args(argv)
+    try:
+        cfg, tensors, meta = checkpoint_weights(a.checkpoint, "raw" if a.raw else "ema" if a.ema else None)
+        out = write_export(a.out, cfg, tensors, meta, a.dtype)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(t.numel() for t in tensors.values())
+    print(json.dumps({"export": str(out), "weights": meta["weights"], "dtype": a.dtype, "step": meta["step"],
+                      "parameters": n, "source": meta["source"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
