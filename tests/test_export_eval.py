@@ -193,3 +193,27 @@ def test_pipeline_stages_and_tensor_shards_consolidate(tmp_path):
     assert meta["weights"] == "raw" and meta["source"]["pipeline_parallel"] == PP and set(tensors) == set(full)
     for k in full:
         torch.testing.assert_close(tensors[k], full[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_checkpoint_exports_evaluates_and_loads_at_tp1_pp1(tmp_path, data_dir):  # noqa: F811
+    """A checkpoint saved at TP=2 x PP=2 (4 processes, megatron 1F1B + ZeRO-1) loads at TP=1, PP=1 through
+    its export and gives the training-time held-out bound, single-process and after init_from."""
+    layout = ["optim.train_steps=2", "parallel.precision=fp32", "model.num_layers=2", "logging.eval_batches=0",
+              "optim.micro_batch_size=4", "optim.global_batch_size=8", "checkpoint.interval=2"]
+    submit(tmp_path, data_dir, "run.name=tp2pp2", *layout, "parallel.tensor_parallel=2",
+           "parallel.pipeline_parallel=2", procs=4)
+    run = tmp_path / "runs" / "tp2pp2"
+    want = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val_bits_per_token" in l][-1]
+    export = tmp_path / "export"
+    cli(REPO / "launcher" / "export.py", run, "--out", export)
+    doc = json.loads((export / "config.json").read_text())
+    assert doc["source"]["tensor_parallel"] == 2 and doc["source"]["pipeline_parallel"] == 2
+    res = last_json(cli(REPO / "launcher" / "evaluate.py", export, "--data", data_dir, "--no-progress").stdout)
+    assert res["bits_per_token"] == pytest.approx(want["val_bits_per_token"], rel=1e-4)
+    submit(tmp_path, data_dir, "run.name=back_tp1", "optim.train_steps=1", "parallel.precision=fp32",
+           "model.num_layers=2", "logging.eval_batches=0", "optim.lr=1e-12", "optim.warmup_steps=0",
+           f"checkpoint.init_from={export}", procs=1)
+    val = [json.loads(l) for l in (tmp_path / "runs" / "back_tp1" / "metrics.jsonl").read_text().splitlines()
+           if "val_bits_per_token" in l][-1]
+    assert val["val_bits_per_token"] == pytest.approx(want["val_bits_per_token"], rel=1e-4)
