@@ -62,7 +62,12 @@ def main() -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
-    tmp = Path(tempfile.mkdtemp(prefix="bench_step_"))
+    # one folder for all ranks of this run (torchrun gives them the same MASTER_ADDR:MASTER_PORT)
+    tmp = Path(tempfile.gettempdir()) / f"bench_step_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}"
+    if rank == 0:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     cfg = load_config(args.config, [*args.overrides, f"run.output_dir={tmp}", "run.name=bench",
                                     "logging.sample_at_end=false", "optim.ema_decay=0.0"])
     total_steps = args.steps + args.warmup + 1
@@ -178,6 +183,10 @@ def main() -> None:
     from launcher.distributed import destroy_distributed
 
     destroy_distributed()
+    if rank == 0:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
