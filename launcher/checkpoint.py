@@ -11,7 +11,6 @@ falls back to the newest earlier good one with a warning naming the bad one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -75,11 +74,9 @@ def tag_for(step: int) -> str:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from data_pipeline.manifest import file_sha256
+
+    return file_sha256(path)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -30,7 +30,6 @@ The export directory:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import sys
@@ -219,11 +218,9 @@ def checkpoint_weights(path: str | Path, weights: str | None = None, cfg=None):
 # ---------------------------------------------------------------------------------------------
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from data_pipeline.manifest import file_sha256
+
+    return file_sha256(path)
 
 
 def _data_facts(cfg) -> dict:

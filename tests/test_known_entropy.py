@@ -1,6 +1,5 @@
 """Sources of known entropy -> data_pipeline.prepare.prepare_tokens -> a tiny model trained briefly on CPU
-(a plain-PyTorch loop over the prepared train rows with the engine's Objective; minutes through submit.py) ->
-launcher/export.py's write_export -> launcher/evaluate.py: the held-out bound is at or above the true
+through launcher/submit.py (the real engine) -> launcher/export.py -> launcher/evaluate.py: the held-out bound is at or above the true
 entropy (within 3 standard errors) and within 10% of it; samples from launcher/sample.py reproduce the chain's
 transition statistics.
 
@@ -12,7 +11,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from test_export_eval import REPO, cli, last_json
 
@@ -44,47 +42,29 @@ def iid_docs(n: int, seed: int) -> np.ndarray:
 
 def train_and_export(tmp_path, docs: np.ndarray, vocab: int, kind: str, tokenizer: str, steps: int, lr: float,
                      batch: int):
-    """prepare_tokens -> train a 2 x 64 denoiser on the train rows -> export. Returns (data dir, export dir)."""
-    from data_pipeline.loader import MDSRows
+    """prepare_tokens -> launcher/submit.py --local 1 (the real engine: megatron-core 2 x 64 denoiser, DeepSpeed
+    ZeRO-1, the Objective) on the train rows -> launcher/export.py. Returns (data dir, export dir)."""
+    import subprocess
+
     from data_pipeline.prepare import prepare_tokens
-    from launcher.config import Config, DataConfig, DiffusionConfig, ModelConfig
-    from launcher.export import write_export
-    from model.objectives import make_objective
-    from model.plain import PlainDenoiser
+    from test_train_e2e import PY, env
 
     data = tmp_path / "data"
     prepare_tokens([list(map(int, d)) for d in docs], data, SEQ, 0.1, tokenizer=tokenizer, vocab_size=vocab,
                    eos_id=None)
-    rows = MDSRows(data, "train")
-    train = rows.__getitems__(range(rows.num_rows))
-    cfg = Config(model=ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_len=SEQ,
-                                   vocab_size=vocab, make_vocab_size_divisible_by=8),
-                 diffusion=DiffusionConfig(kind=kind, prime_l=2), data=DataConfig(path=str(data), tokenizer=tokenizer))
-    cfg.logging.eval_draws = 4
-    torch.manual_seed(0)
-    model = PlainDenoiser.from_config(cfg.model, cfg.diffusion)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                torch.nn.init.normal_(p, std=0.02)
-        model.output_layer.weight.zero_()
-    objective = make_objective(cfg, model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    for step in range(steps):
-        x0 = train[torch.randint(0, train.shape[0], (batch,), generator=g)]
-        u = (torch.rand((), generator=g, dtype=torch.float64) + torch.arange(batch) / batch) % 1.0   # antithetic
-        noise = torch.rand(batch, objective.noise_streams(True), SEQ, generator=g, dtype=torch.float64)
-        for group in opt.param_groups:   # warmup + cosine to 10%
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-        loss, _ = objective.loss(model, x0, u, noise)
-        opt.zero_grad()
-        (loss.mean() / SEQ).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    export = write_export(tmp_path / "export", cfg, {k: v.detach() for k, v in model.state_dict().items()},
-                          {"weights": "raw", "step": steps, "tokens_seen": steps * batch * SEQ,
-                           "code_version": "test", "source": {"trained_by": "tests/test_known_entropy.py"}})
+    overrides = [f"data.path={data}", f"data.tokenizer={tokenizer}", f"run.output_dir={tmp_path / 'runs'}",
+                 "run.name=known", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                 f"model.seq_len={SEQ}", f"model.vocab_size={vocab}", "model.make_vocab_size_divisible_by=8",
+                 f"diffusion.kind={kind}", "diffusion.prime_l=2", f"optim.lr={lr}", "optim.beta2=0.99",
+                 "optim.weight_decay=0.0", "optim.warmup_steps=20", f"optim.train_steps={steps}",
+                 f"optim.micro_batch_size={batch}", f"optim.global_batch_size={batch}", "parallel.precision=fp32",
+                 "logging.log_interval=100", f"logging.eval_interval={steps}", "logging.eval_draws=4",
+                 "logging.sample_at_end=false", f"checkpoint.interval={steps}", "data.num_workers=0"]
+    out = subprocess.run([PY, str(REPO / "launcher" / "submit.py"), "--local", "1", str(REPO / "configs" / "md4_tiny.yaml"),
+                          *overrides], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    export = tmp_path / "export"
+    cli(REPO / "launcher" / "export.py", tmp_path / "runs" / "known", "--out", export)
     return data, export
 
 
@@ -95,7 +75,6 @@ def assert_bound_near(res: dict, entropy: float):
 
 
 def test_markov_chain_bound_and_samples_match_the_chain(tmp_path):
-    torch.set_num_threads(2)
     data, export = train_and_export(tmp_path, markov_docs(8000, 0), V_MARKOV, "md4", "markov8",
                                     steps=500, lr=5e-3, batch=128)
     res = last_json(cli(REPO / "launcher" / "evaluate.py", export, "--data", data, "--draws", "4",
@@ -118,7 +97,6 @@ def test_markov_chain_bound_and_samples_match_the_chain(tmp_path):
 
 
 def test_iid_source_prime_l2_bound(tmp_path):
-    torch.set_num_threads(2)
     data, export = train_and_export(tmp_path, iid_docs(4000, 1), V_IID, "prime", "zipf16",
                                     steps=250, lr=1e-2, batch=64)
     res = last_json(cli(REPO / "launcher" / "evaluate.py", export, "--data", data, "--draws", "4",
