@@ -241,6 +241,7 @@ class Trainer:
         if tag is None:
             self.log(f"no checkpoint in {self.ckpt_root}: starting from step 0")
             return
+        self._check_layout(self.ckpt_root / tag)
         client, extra = checkpoint.load(self.engine, self.ckpt_root, tag, self.info.rank)
         if self.ema is not None:
             if "ema" not in client:
@@ -251,6 +252,28 @@ class Trainer:
         self.train_loader.load_state_dict(extra["loader"])
         checkpoint.set_rng_state(extra["rng"])
         self.log(f"resumed from {self.ckpt_root / tag} at step {self.step}")
+
+    def _check_layout(self, tag_dir: Path) -> None:
+        """A checkpoint resumes only at the layout that wrote it (DeepSpeed's model and ZeRO shards are per
+        model-parallel and data-parallel rank); say how to change the layout instead of failing inside
+        DeepSpeed."""
+        import yaml
+
+        p = self.cfg.parallel
+        ranks = len(list(tag_dir.glob("extra_rank*.pt")))
+        saved = {}
+        if (tag_dir / "config.yaml").is_file():
+            saved = (yaml.safe_load((tag_dir / "config.yaml").read_text()) or {}).get("parallel", {})
+        then = (saved.get("tensor_parallel", p.tensor_parallel), saved.get("pipeline_parallel", p.pipeline_parallel),
+                saved.get("zero_stage", p.zero_stage), ranks)
+        now = (p.tensor_parallel, p.pipeline_parallel, p.zero_stage, self.info.world_size)
+        if then != now:
+            raise RuntimeError(
+                f"{tag_dir} was written at TP={then[0]}, PP={then[1]}, ZeRO-{then[2]} on {then[3]} ranks; this job "
+                f"runs TP={now[0]}, PP={now[1]}, ZeRO-{now[2]} on {now[3]} ranks. A checkpoint resumes only at its "
+                f"own layout. To continue at another layout: python launcher/export.py {tag_dir} --out EXPORT, "
+                "then start a new run with checkpoint.init_from=EXPORT (weights and EMA carry over; the optimizer "
+                "state, step counter and data position start afresh)")
 
     def save(self):
         from launcher import checkpoint

@@ -217,3 +217,12 @@ def test_tp2_pp2_checkpoint_exports_evaluates_and_loads_at_tp1_pp1(tmp_path, dat
     val = [json.loads(l) for l in (tmp_path / "runs" / "back_tp1" / "metrics.jsonl").read_text().splitlines()
            if "val_bits_per_token" in l][-1]
     assert val["val_bits_per_token"] == pytest.approx(want["val_bits_per_token"], rel=1e-4)
+
+
+def test_resuming_at_another_layout_is_refused_with_the_way_to_do_it(tp2_run, tmp_path, data_dir):  # noqa: F811
+    shutil.copytree(tp2_run["run"], tmp_path / "runs" / "tp2")       # a copy: the fixture's run stays as it is
+    out = submit(tmp_path, data_dir, *[o for o in FP32_TP2 if not o.startswith("parallel.tensor_parallel")],
+                 "optim.train_steps=5", procs=1, check=False)
+    logs = "".join(p.read_text() for p in (tmp_path / "runs" / "tp2" / "submitit").glob("*_log.*"))
+    assert out.returncode != 0
+    assert "was written at TP=2, PP=1, ZeRO-1 on 2 ranks" in logs and "checkpoint.init_from" in logs, logs[-2000:]
