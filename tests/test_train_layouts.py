@@ -102,3 +102,17 @@ def test_image_denoiser_tp2_matches_single_process_and_draws_a_grid(tmp_path, fm
 
     with Image.open(grid) as im:
         assert im.size == (2 + 2 * 30, 2 + 2 * 30)    # 2 x 2 images of 28 px, 2 px gaps
+    # the TP=2 run exported evaluates (bits/dim) single-process to the training-time number, and samples a grid
+    from test_export_eval import cli, last_json
+    from test_train_e2e import REPO
+
+    run_dir = tmp_path / "runs" / "img_tp2"
+    want = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_bits_per_token" in l][-1]
+    cli(REPO / "launcher" / "export.py", run_dir, "--out", tmp_path / "img_export")
+    res = last_json(cli(REPO / "launcher" / "evaluate.py", tmp_path / "img_export", "--data", fmnist_dir,
+                        "--limit-rows", "8", "--no-progress").stdout)      # eval_batches=2 x micro-batch 4
+    assert res["bits_per_dim"] == pytest.approx(want["val_bits_per_token"], rel=1e-4)
+    rec = last_json(cli(REPO / "launcher" / "sample.py", tmp_path / "img_export", "--num", "4", "--steps", "4",
+                        "--out", tmp_path / "s.png").stdout)
+    with Image.open(rec["png"]) as im:
+        assert im.size == (62, 62)
