@@ -35,13 +35,29 @@ class DistInfo:
 _DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
+def master_port() -> int:
+    """The rendezvous port of a submitit job, the same on every task. Local executor: the free port the
+    submitter chose (MDIFF_MASTER_PORT). SLURM: drawn from the job id (the same again after a requeue) in
+    15000-29999, below Linux's ephemeral range (32768-60999) where other connections' ports live;
+    submitit's own choice (20000-60000) can collide with them."""
+    import zlib
+
+    import submitit
+
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and os.environ.get("MDIFF_MASTER_PORT"):
+        return int(os.environ["MDIFF_MASTER_PORT"])
+    job_id = submitit.JobEnvironment().job_id
+    return 15000 + zlib.crc32(str(job_id).encode()) % 15000
+
+
 def export_env_from_launcher() -> str:
     """Set MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from submitit (SLURM or local executor).
 
     In a submitit task (SUBMITIT_EXECUTOR is set by both executors) submitit's answer wins: sbatch
     exports the submitter's whole environment, so RANK/MASTER_* found there may be stale leftovers of
     the shell that submitted. Under SLURM, MASTER_ADDR is the first host of SLURM_JOB_NODELIST and
-    MASTER_PORT is drawn from the job id (the same on every task, and again after a requeue).
+    MASTER_PORT is drawn from the job id (the same on every task, and again after a requeue); see
+    `master_port`.
     Elsewhere (torchrun, tests using mp.spawn) variables that are already set are used as they are.
     Returns where the values came from.
     """
@@ -53,7 +69,10 @@ def export_env_from_launcher() -> str:
 
     for k in _DIST_VARS:
         os.environ.pop(k, None)
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    os.environ["MASTER_PORT"] = str(master_port())   # read by submitit's constructor ...
+    env = submitit.helpers.TorchDistributedEnvironment()
+    del os.environ["MASTER_PORT"]                       # ... whose export() refuses to overwrite it
+    env.export(set_cuda_visible_devices=False)
     return f"submitit ({os.environ.get('SUBMITIT_EXECUTOR', 'unknown')} executor)"
 
 

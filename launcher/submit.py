@@ -161,6 +161,11 @@ def main(argv=None) -> int:
     from launcher.train import TrainJob
 
     if args.local is not None:
+        from launcher.megatron_cpu import free_port
+
+        # the rendezvous port of the local tasks: one that is free now (submitit would derive it from the
+        # job id, which can land on a port some other socket of this machine holds)
+        os.environ["MDIFF_MASTER_PORT"] = str(free_port())
         executor = submitit.LocalExecutor(folder=str(run_dir / "submitit"))
         executor.update_parameters(tasks_per_node=args.local, nodes=1, timeout_min=args.time or 24 * 60,
                                    gpus_per_node=0)

@@ -45,3 +45,23 @@ def test_bad_profiles_are_rejected(profiles, tmp_path):
         p.write_text(text)
         with pytest.raises(ValueError, match=msg):
             profiles.load_profile(p)
+
+
+def test_master_port_local_uses_the_submitters_free_port_slurm_stays_below_the_ephemeral_range(monkeypatch):
+    from launcher.distributed import master_port
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("MDIFF_MASTER_PORT", "45678")
+    assert master_port() == 45678
+    monkeypatch.delenv("MDIFF_MASTER_PORT")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    ports = set()
+    for job in ("17", "18", "123456", "123456_7"):
+        monkeypatch.setenv("SLURM_JOB_ID", job.split("_")[0])
+        if "_" in job:
+            monkeypatch.setenv("SLURM_ARRAY_JOB_ID", job.split("_")[0])
+            monkeypatch.setenv("SLURM_ARRAY_TASK_ID", job.split("_")[1])
+        port = master_port()
+        assert 15000 <= port < 30000 and port == master_port()     # the same on every task and requeue
+        ports.add(port)
+    assert len(ports) == 4
