@@ -60,8 +60,13 @@ def _fetch(remote: str, local: Path) -> None:
         src = remote[len("file://"):] if scheme == "file" else remote
         CloudDownloader.direct_download(src, str(tmp))
     else:
+        import shutil
+
         from webdataset.cache import download
 
+        if scheme in ("http", "https") and shutil.which("curl") is None:
+            raise RuntimeError(f"{remote}: webdataset fetches http(s) URLs with curl, which is not installed "
+                               "(apt-get install curl)")
         download(remote, str(tmp))
     tmp.replace(local)
 

@@ -110,11 +110,8 @@ def test_http_remote_through_webdataset_gopen(data, tmp_path):
     """An https?:// data.path is fetched with webdataset's gopen (curl) into the cache."""
     import functools
     import http.server
-    import shutil
     import threading
 
-    if shutil.which("curl") is None:
-        pytest.skip("curl (webdataset's http opener) is not installed")
     root = tmp_path / "srv"
     _rows_dataset(root / "wds", writer="webdataset")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
