@@ -99,6 +99,7 @@ class OptimConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    sequence_parallel: bool = False                # megatron's sequence parallelism over the TP group
     zero_stage: int = 1                            # DeepSpeed ZeRO stage: 1 or 2
     precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast where the device supports it
 
@@ -336,6 +337,10 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _require(p.zero_stage in (0, 1, 2, 3), source, "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     _require(m.num_attention_heads % p.tensor_parallel == 0, source, "parallel.tensor_parallel",
              f"model.num_attention_heads={m.num_attention_heads} is not divisible by tensor_parallel={p.tensor_parallel}")
+    _require(not p.sequence_parallel or p.tensor_parallel > 1, source, "parallel.sequence_parallel",
+             "true needs parallel.tensor_parallel > 1 (it splits the sequence over the tensor-parallel group)")
+    _require(not p.sequence_parallel or m.seq_len % p.tensor_parallel == 0, source, "parallel.sequence_parallel",
+             f"model.seq_len={m.seq_len} is not divisible by tensor_parallel={p.tensor_parallel}")
     _require(m.num_layers % p.pipeline_parallel == 0, source, "parallel.pipeline_parallel",
              f"model.num_layers={m.num_layers} is not divisible by pipeline_parallel={p.pipeline_parallel}")
     _require(p.pipeline_parallel == 1 or p.zero_stage == 1, source, "parallel.zero_stage",

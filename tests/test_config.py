@@ -81,6 +81,9 @@ def test_bad_override_names_the_key(tmp_path):
     ({"parallel": {"pipeline_parallel": 2}, "model": {"num_layers": 3}}, "parallel.pipeline_parallel"),
     ({"parallel": {"pipeline_parallel": 2, "zero_stage": 2}, "model": {"num_layers": 4}}, "parallel.zero_stage"),
     ({"diffusion": {"kind": "genmd4"}, "parallel": {"pipeline_parallel": 2}}, "diffusion.kind"),
+    ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel"),   # TP = 1
+    ({"parallel": {"sequence_parallel": True, "tensor_parallel": 4}, "model": {"num_attention_heads": 4, "seq_len": 30}},
+     "parallel.sequence_parallel"),
     ({"optim": {"ema_decay": 1.0}}, "optim.ema_decay"),
     ({"diffusion": {"eps": 0.7}}, "diffusion.eps"),
     ({"optim": {"lr": -1.0}}, "optim.lr"),

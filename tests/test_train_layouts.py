@@ -36,6 +36,7 @@ def run(tmp_path, data_dir, name, procs, *overrides):
 def test_md4_layouts_match_single_process(tmp_path, data_dir):
     ref = run(tmp_path, data_dir, "single", 1)
     assert_same(run(tmp_path, data_dir, "tp2", 2, "parallel.tensor_parallel=2"), ref)
+    assert_same(run(tmp_path, data_dir, "tp2_sp", 2, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"), ref)
     assert_same(run(tmp_path, data_dir, "dp2_zero1", 2, "parallel.zero_stage=1"), ref)
     assert_same(run(tmp_path, data_dir, "dp2_zero2", 2, "parallel.zero_stage=2"), ref)
 
@@ -60,12 +61,13 @@ def test_genmd4_trains_its_schedule_data_parallel(tmp_path, data_dir):
 @pytest.mark.slow
 def test_md4_pipeline_layouts_match_single_process(tmp_path, data_dir):
     """PP=2 (megatron-core's 1F1B schedule under DeepSpeed ZeRO-1, two micro-batches per step) and
-    TP=2 x PP=2 against one process with the same weights (CPU initialisation is layout-independent)."""
+    TP=2 x PP=2 with sequence parallelism (stages exchange [s / TP, b, h]) against one process with the
+    same weights (CPU initialisation is layout-independent). TP=2 x PP=2 without SP: test_export_eval."""
     gas = ["model.num_layers=2", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
     ref = run(tmp_path, data_dir, "single_gas", 1, *gas)
     assert_same(run(tmp_path, data_dir, "pp2", 2, *gas, "parallel.pipeline_parallel=2"), ref)
-    assert_same(run(tmp_path, data_dir, "tp2_pp2", 4, *gas, "parallel.pipeline_parallel=2",
-                    "parallel.tensor_parallel=2"), ref)
+    assert_same(run(tmp_path, data_dir, "tp2_pp2_sp", 4, *gas, "parallel.pipeline_parallel=2",
+                    "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"), ref)
 
 
 @pytest.mark.slow
