@@ -40,6 +40,21 @@ def test_md4_layouts_match_single_process(tmp_path, data_dir):
     assert_same(run(tmp_path, data_dir, "dp2_zero1", 2, "parallel.zero_stage=1"), ref)
     assert_same(run(tmp_path, data_dir, "dp2_zero2", 2, "parallel.zero_stage=2"), ref)
 
+    # ZeRO-3, stopped after 2 steps and resumed from its partitioned checkpoint: the same curve; its export
+    # (DeepSpeed's zero_to_fp32 reassembling the partitions) evaluates to the training-time bound
+    z3 = ["run.name=dp2_zero3", "parallel.zero_stage=3", "checkpoint.interval=2"]
+    submit(tmp_path, data_dir, *STEPS, *z3, "optim.train_steps=2", procs=2)
+    assert sorted(curves(tmp_path / "runs" / "dp2_zero3")[0]) == [1, 2]
+    submit(tmp_path, data_dir, *STEPS, *z3, procs=2)
+    train, val = curves(tmp_path / "runs" / "dp2_zero3")
+    assert_same((train, val[-1:]), ref)
+    from test_export_eval import cli, last_json
+    from test_train_e2e import REPO
+
+    cli(REPO / "launcher" / "export.py", tmp_path / "runs" / "dp2_zero3", "--out", tmp_path / "z3_export")
+    res = last_json(cli(REPO / "launcher" / "evaluate.py", tmp_path / "z3_export", "--data", data_dir).stdout)
+    assert res["bits_per_token"] == pytest.approx(val[-1], rel=1e-4)
+
 
 @pytest.mark.slow
 def test_prime_tp2_matches_single_process(tmp_path, data_dir):
