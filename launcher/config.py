@@ -37,7 +37,7 @@ class ModelConfig:
     vocab_size: int = 50257                 # real tokens V; the mask id is V
     dropout: float = 0.0
     position_embedding: Literal["rope", "learned"] = "rope"
-    time_conditioning: Literal["none"] = "none"
+    time_conditioning: Literal["none", "adaln"] = "none"   # adaln: adaLN-zero on the diffusion time t
     init_std: float = 0.02
     zero_init_output: bool = True
     make_vocab_size_divisible_by: int = 128

@@ -15,7 +15,8 @@ Consolidation (megatron-core local spec, num_query_groups = num_attention_heads)
       (heads are contiguous per rank, each head's rows [q; k; v]), linear_fc1, output_layer (vocab-parallel);
       their biases too.
   row-parallel (dim 1): linear_proj.weight, linear_fc2.weight; their biases are replicated.
-  replicated: layer norms, learned positions, Prime's sub-token table, GenMD4's `genmd4_schedule.raw`.
+  replicated: layer norms, learned positions, Prime's sub-token table, GenMD4's `genmd4_schedule.raw`,
+  adaLN's `ada_ln` / `final_ada_ln`.
   pipeline stages: stage p's decoder.layers.i is global layer p * L / PP + i.
   vocabulary padding is stripped: word embeddings keep V + 1 rows (the mask id is V), the output V.
 
@@ -301,7 +302,7 @@ def write_export(out: str | Path, cfg, tensors: dict[str, torch.Tensor], meta: d
                          "ffn_hidden_size": m.ffn_hidden_size or 4 * m.hidden_size,
                          "position_embedding": m.position_embedding, "norm": "layernorm", "activation": "gelu",
                          "rope_base": 10000, "seq_len": m.seq_len, "vocab_size": m.vocab_size,
-                         "mask_id": m.vocab_size},
+                         "mask_id": m.vocab_size, "time_conditioning": m.time_conditioning},
         "diffusion": {"kind": d.kind, "schedule": d.schedule, "eps": d.eps,
                       **({"prime_l": d.prime_l} if d.kind == "prime" else {}),
                       **({"genmd4_t1": d.genmd4_t1, "genmd4_w": "genmd4_schedule.raw (w = softplus(raw))"}
@@ -409,6 +410,7 @@ def load_into_megatron(model: torch.nn.Module, export_dir: str | Path, cfg) -> d
                        b.model.ffn_hidden_size or 4 * b.model.hidden_size),
                       ("model.vocab_size", a.model.vocab_size, b.model.vocab_size),
                       ("model.position_embedding", a.model.position_embedding, b.model.position_embedding),
+                      ("model.time_conditioning", a.model.time_conditioning, b.model.time_conditioning),
                       ("diffusion.kind", a.diffusion.kind, b.diffusion.kind),
                       ("diffusion.prime_l", a.diffusion.prime_l if a.diffusion.kind == "prime" else None,
                        b.diffusion.prime_l if b.diffusion.kind == "prime" else None)):

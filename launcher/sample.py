@@ -136,8 +136,8 @@ def generate(model, cfg, num: int, length: int, *, steps: int, grid: str, top_p,
     device = next(model.parameters()).device
     n_ctx = cfg.model.seq_len
 
-    def denoiser(ids: torch.Tensor) -> torch.Tensor:
-        return model(ids.to(device)).float().cpu()
+    def denoiser(ids: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        return model(ids.to(device), t=t.to(device) if t is not None else None).float().cpu()
 
     g = torch.Generator().manual_seed(seed)
 

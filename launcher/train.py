@@ -468,7 +468,8 @@ class Trainer:
         swapped = self.ema.swap_in(self.engine.module) if self.ema is not None else None
 
         def denoiser(ids: torch.Tensor, t=None) -> torch.Tensor:
-            return gather_logits(self.forward(input_ids=ids.to(self.info.device)), cfg.model.vocab_size).float()
+            kw = {"t": t.to(self.info.device)} if t is not None else {}
+            return gather_logits(self.forward(input_ids=ids.to(self.info.device), **kw), cfg.model.vocab_size).float()
 
         g = torch.Generator().manual_seed(cfg.run.seed + self.step)
         sc = cfg.sampler

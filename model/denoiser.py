@@ -45,8 +45,10 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
                                                          get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank
 
+from model.adaln import TIME_FEATURES, modulate, timestep_features, zero_linear
 from model.pixels import PixelPositionEmbedding
 
 
@@ -153,10 +155,50 @@ def sum_sequence_parallel_grads(model: torch.nn.Module) -> int:
     return hooked
 
 
-def bidirectional_layer_spec(attention: str = "sdpa") -> ModuleSpec:
+class AdaLNTransformerLayer(TransformerLayer):
+    """megatron's transformer layer (same submodules: norms, self-attention, MLP) with adaLN-zero time
+    conditioning (model/adaln.py): `ada_ln` maps the time features, which the block passes to every layer
+    as its `context`, to shift / scale after each norm and a gate on each residual branch. `ada_ln` is
+    replicated over TP; under sequence parallelism it meets one sequence slice per rank, so it carries the
+    `sequence_parallel` marker (its gradient is summed over TP)."""
+
+    def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1,
+                 hidden_dropout: Optional[float] = None, **kwargs):
+        super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout, **kwargs)
+        self.ada_ln = zero_linear(TIME_FEATURES, 6 * config.hidden_size, dtype=config.params_dtype)
+        for p in self.ada_ln.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                context: Optional[Tensor] = None, rotary_pos_emb: Optional[Tensor] = None, **unused):
+        if context is None:
+            raise ValueError("AdaLNTransformerLayer needs the time features as `context` [b, TIME_FEATURES]")
+        mod = self.ada_ln(context).to(hidden_states.dtype).unsqueeze(0)       # [1, b, 6 D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        x = modulate(self.input_layernorm(hidden_states), shift1, scale1)
+        out, bias = self.self_attention(x, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        hidden_states = hidden_states + gate1 * self._dropout(out, bias)
+        x = modulate(self.pre_mlp_layernorm(hidden_states), shift2, scale2)
+        out, bias = self.mlp(x)
+        hidden_states = hidden_states + gate2 * self._dropout(out, bias)
+        return hidden_states, context
+
+    def _dropout(self, out: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if bias is not None:
+            out = out + bias
+        with self.bias_dropout_add_exec_handler():    # megatron's RNG fork under sequence parallelism
+            return F.dropout(out, p=self.hidden_dropout, training=self.training)
+
+
+def bidirectional_layer_spec(attention: str = "sdpa", time_conditioning: str = "none") -> ModuleSpec:
     """megatron's local (non-transformer-engine) GPT layer with the causal mask removed; its norms are
-    apex's FusedLayerNorm when apex is installed (megatron's choice), otherwise TorchLayerNorm."""
+    apex's FusedLayerNorm when apex is installed (megatron's choice), otherwise TorchLayerNorm.
+    time_conditioning='adaln': the layer is AdaLNTransformerLayer (same submodules)."""
     spec = copy.deepcopy(get_gpt_layer_local_spec())
+    if time_conditioning == "adaln":
+        spec.module = AdaLNTransformerLayer
+    elif time_conditioning != "none":
+        raise ValueError(f"model.time_conditioning={time_conditioning!r}: use none or adaln")
     for name in ("input_layernorm", "pre_mlp_layernorm"):
         if getattr(spec.submodules, name) is WrappedTorchNorm:
             setattr(spec.submodules, name, TorchLayerNorm)
@@ -168,10 +210,10 @@ def bidirectional_layer_spec(attention: str = "sdpa") -> ModuleSpec:
 
 
 def bidirectional_block_spec(config: TransformerConfig, attention: str, pp_rank: int,
-                             vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+                             vp_stage: Optional[int] = None, time_conditioning: str = "none") -> TransformerBlockSubmodules:
     """This stage's layers of `bidirectional_layer_spec` plus the final norm, of the same class as the
     layers' norms (megatron's block would pick WrappedTorchNorm, which has no sequence parallelism)."""
-    layer = bidirectional_layer_spec(attention)
+    layer = bidirectional_layer_spec(attention, time_conditioning)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage, pp_rank),
                                       layer_norm=layer.submodules.input_layernorm)
 
@@ -184,7 +226,8 @@ class MaskedDiffusionTransformer(MegatronModule):
                  position_embedding: str = "rope", zero_init_output: bool = True,
                  make_vocab_size_divisible_by: int = 128, pre_process: bool = True,
                  post_process: bool = True, prime_l: int = 0, genmd4: Optional[tuple[float, float]] = None,
-                 attention: str = "sdpa", image_shape: Optional[tuple[int, int, int]] = None):
+                 attention: str = "sdpa", image_shape: Optional[tuple[int, int, int]] = None,
+                 time_conditioning: str = "none"):
         super().__init__(config=config)
         if position_embedding not in ("rope", "learned"):
             raise ValueError(f"position_embedding must be 'rope' or 'learned', got {position_embedding!r}")
@@ -227,7 +270,9 @@ class MaskedDiffusionTransformer(MegatronModule):
                 kv_channels=config.kv_channels, rotary_percent=1.0,
                 rotary_interleaved=config.rotary_interleaved,
                 use_cpu_initialization=config.use_cpu_initialization, cp_group=pgs.cp)
-        block = bidirectional_block_spec(config, attention, pp_rank=get_pg_rank(pgs.pp))
+        self.time_conditioning = time_conditioning
+        block = bidirectional_block_spec(config, attention, pp_rank=get_pg_rank(pgs.pp),
+                                         time_conditioning=time_conditioning)
         self.decoder = TransformerBlock(config=config, spec=block, pre_process=pre_process,
                                         post_process=post_process, pg_collection=pgs)
         if post_process:
@@ -242,6 +287,10 @@ class MaskedDiffusionTransformer(MegatronModule):
             if zero_init_output:
                 with torch.no_grad():
                     self.output_layer.weight.zero_()
+            if time_conditioning == "adaln":    # adaLN-zero on the final norm: shift, scale
+                self.final_ada_ln = zero_linear(TIME_FEATURES, 2 * config.hidden_size, dtype=config.params_dtype)
+                for p in self.final_ada_ln.parameters():
+                    setattr(p, "sequence_parallel", config.sequence_parallel)
         if genmd4 is not None:
             # GenMD4's learned schedule w (one entry per token value) trains with the network; replicated
             from model.diffusion.genmd4 import GenMD4Schedule
@@ -262,7 +311,7 @@ class MaskedDiffusionTransformer(MegatronModule):
         return torch.arange(start, start + local_classes, device=device) >= self.vocab_size
 
     def forward(self, input_ids: Optional[Tensor], labels: Optional[Tensor] = None,
-                loss_mask: Optional[Tensor] = None) -> Tensor:
+                loss_mask: Optional[Tensor] = None, t: Optional[Tensor] = None) -> Tensor:
         """input_ids, labels: [b, s] int64. Returns per-token NLL [b, s] float32 if labels are given, else
         vocab-parallel logits [b, s, V_out / TP] (padded classes -inf); [s, b, h] hidden states on a stage
         without post_process.
@@ -293,9 +342,17 @@ class MaskedDiffusionTransformer(MegatronModule):
         if sp and not self.pre_process:
             s *= parallel_state.get_tensor_model_parallel_world_size()   # the stage got [s / TP, b, h]
         rotary = self.rotary_pos_emb(s) if self.position_embedding == "rope" else None
-        hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
+        features = None
+        if self.time_conditioning == "adaln":
+            if t is None:
+                raise ValueError("this denoiser is time-conditioned (model.time_conditioning=adaln): pass t [b]")
+            features = timestep_features(t.to(self.decoder.layers[0].ada_ln.weight.device))
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary, context=features)
         if not self.post_process:
             return hidden
+        if features is not None:
+            shift, scale = self.final_ada_ln(features).to(hidden.dtype).unsqueeze(0).chunk(2, dim=-1)
+            hidden = modulate(hidden, shift, scale)
         if sp:
             # [s / TP, b, h] -> [s, b, h]; the output layer all-reduces its input gradient over TP, so the
             # backward of the gather only keeps this rank's slice
@@ -396,8 +453,6 @@ def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_
     (TP > 1): megatron's sequence parallelism, the TP gradient sums of `sequence_parallel` parameters
     hooked in."""
     kind = getattr(diffusion_cfg, "kind", "md4")
-    if model_cfg.time_conditioning != "none":
-        raise NotImplementedError(f"time_conditioning={model_cfg.time_conditioning!r}")
     model = MaskedDiffusionTransformer(
         transformer_config(model_cfg, params_dtype=params_dtype, whole_model=whole_model,
                            sequence_parallel=sequence_parallel),
@@ -408,7 +463,8 @@ def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_
         prime_l=diffusion_cfg.prime_l if kind == "prime" else 0,
         genmd4=(diffusion_cfg.eps, diffusion_cfg.genmd4_t1) if kind == "genmd4" else None,
         attention=resolve_attention(getattr(model_cfg, "attention", "auto")),
-        image_shape=getattr(model_cfg, "image_shape", None))
+        image_shape=getattr(model_cfg, "image_shape", None),
+        time_conditioning=model_cfg.time_conditioning)
     if sequence_parallel:
         sum_sequence_parallel_grads(model)
     return model

@@ -46,10 +46,16 @@ def _vocab_group():
 
 class Objective:
     kind = "base"
+    # the denoiser takes the diffusion time of each row (model.time_conditioning=adaln): `prepare` adds
+    # t [rows] to the model kwargs, and the samplers call denoiser(ids, t)
+    time_conditioned = False
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
         self.mask_id = vocab_size
+
+    def _inputs(self, inputs: dict, t: torch.Tensor) -> dict:
+        return {**inputs, "t": t} if self.time_conditioned else inputs
 
     def noise_streams(self, train: bool) -> int:
         return 1
@@ -81,7 +87,7 @@ class MD4Objective(Objective):
         else:
             i, t = None, u
         xt, masked = corrupt(x0, t.to(x0.device), noise[:, 0].to(x0.device), self.schedule, mask_id=self.mask_id)
-        return {"input_ids": xt, "labels": x0, "loss_mask": masked}, (masked, t, i)
+        return self._inputs({"input_ids": xt, "labels": x0, "loss_mask": masked}, t), (masked, t, i)
 
     def finish(self, nll, ctx):
         masked, t, i = ctx
@@ -114,7 +120,7 @@ class PrimeObjective(Objective):
         t = u.to(torch.float64)
         y_t, masked = corrupt_subtokens(y0, t.to(x0.device), noise.transpose(1, 2).to(x0.device), self.schedule,
                                         self.b)
-        return {"input_ids": y_t}, (y_t, y0, masked, t)
+        return self._inputs({"input_ids": y_t}, t), (y_t, y0, masked, t)
 
     def finish(self, logits, ctx):
         from model.diffusion.prime import digit_nll, prime_loss_from_digit_nll
@@ -152,7 +158,7 @@ class GenMD4Objective(Objective):
                 xt, m = sched.corrupt(x0, tt, noise[:, k].to(x0.device), self.mask_id)
                 ids.append(xt), masks.append(m), times.append(tt)
         # one forward over [2*draws*B, N]: per draw the rows at t, then at t1
-        return {"input_ids": torch.cat(ids)}, (x0, masks, times, draws, B)
+        return self._inputs({"input_ids": torch.cat(ids)}, torch.cat(times)), (x0, masks, times, draws, B)
 
     def finish(self, logits, ctx):
         from model.diffusion.genmd4 import reinforce_loo
@@ -223,14 +229,17 @@ def make_objective(cfg, model=None, steps: int | None = None) -> Objective:
     if steps is not None and d.kind != "md4":
         raise ValueError(f"the discrete-time bound (steps={steps}) exists for diffusion.kind md4 only, not {d.kind!r}")
     if d.kind == "md4":
-        return MD4Objective(V, make_schedule(d.schedule, eps=d.eps, **params), steps)
-    if d.kind == "prime":
-        return PrimeObjective(V, make_schedule(d.schedule, eps=d.eps, **params), d.prime_l)
-    if d.kind == "genmd4":
+        objective = MD4Objective(V, make_schedule(d.schedule, eps=d.eps, **params), steps)
+    elif d.kind == "prime":
+        objective = PrimeObjective(V, make_schedule(d.schedule, eps=d.eps, **params), d.prime_l)
+    elif d.kind == "genmd4":
         if model is None:
             raise ValueError("GenMD4's objective needs the model (its genmd4_schedule holds w)")
-        return GenMD4Objective(V, lambda: _find_genmd4(model))
-    raise ValueError(f"diffusion.kind {d.kind!r} unknown")
+        objective = GenMD4Objective(V, lambda: _find_genmd4(model))
+    else:
+        raise ValueError(f"diffusion.kind {d.kind!r} unknown")
+    objective.time_conditioned = cfg.model.time_conditioning != "none"
+    return objective
 
 
 def _find_genmd4(model):
@@ -291,11 +300,12 @@ def draw_samples(objective: Objective, denoiser: Callable, batch_size: int, seq_
                  grid: str = "cosine", top_p: float | None = None, temperature: float = 1.0,
                  use_cache: bool = True, given: torch.Tensor | None = None,
                  generator: torch.Generator | None = None):
-    """denoiser(ids) -> full logits [B, N, V] (ids are digits [B, N, l] for Prime). Returns (tokens [B, N],
+    """denoiser(ids) -> full logits [B, N, V] (ids are digits [B, N, l] for Prime; denoiser(ids, t [B]) when the
+    objective is time-conditioned). Returns (tokens [B, N],
     {'network_calls', 'steps'}). `given` [B, N] holds fixed tokens (prefix / infill), mask_id elsewhere."""
     from model.diffusion import samplers
     kw = dict(steps=steps, grid=grid, top_p=top_p, temperature=temperature, use_cache=use_cache,
-              generator=generator, time_conditioned=False)
+              generator=generator, time_conditioned=objective.time_conditioned)
     if objective.kind == "md4":
         return samplers.sample(denoiser, batch_size, seq_len, objective.mask_id, objective.vocab_size,
                                objective.schedule, given=given, **kw)

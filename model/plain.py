@@ -15,14 +15,17 @@ without vocabulary padding (what launcher/export.py writes):
     output_layer.weight                            [V, D]       (no bias)
     genmd4_schedule.raw                            [V]          (genmd4: w = softplus(raw))
     pixel_position.{row,col,channel}.weight        [H|W|C, D]   (model.image_shape: pixel data)
+    decoder.layers.{i}.ada_ln.{weight,bias}        [6D, F]      (time_conditioning = adaln; F = TIME_FEATURES)
+    final_ada_ln.{weight,bias}                     [2D, F]      (time_conditioning = adaln)
 
 Each layer is pre-norm: x + proj(attn(LN(x))), then x + fc2(gelu(fc1(LN(x)))); attention is
 bidirectional with megatron's non-interleaved RoPE (rotate-half, base 10000, all of each head's dims).
+With time_conditioning = adaln, norms are modulated and branches gated by t (model/adaln.py).
 
 forward follows the megatron model's contract, which model/objectives.py relies on:
     forward(input_ids)                       -> logits [b, s, V] float32
     forward(input_ids, labels[, loss_mask])  -> per-token NLL [b, s] float32 (0 where loss_mask is False)
-For Prime input_ids are digits [b, s, l].
+For Prime input_ids are digits [b, s, l]; a time-conditioned model also takes t [b] (keyword `t`).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from model.adaln import TIME_FEATURES, modulate, timestep_features, zero_linear
 
 
 def rope_freqs(seq_len: int, head_dim: int, base: float = 10000.0, device=None) -> Tensor:
@@ -75,23 +80,32 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float, eps: float):
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float, eps: float, adaln: bool = False):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(hidden, eps=eps)
         self.self_attention = SelfAttention(hidden, heads, dropout)
         self.pre_mlp_layernorm = nn.LayerNorm(hidden, eps=eps)
         self.mlp = MLP(hidden, ffn)
         self.dropout = dropout
+        if adaln:
+            self.ada_ln = zero_linear(TIME_FEATURES, 6 * hidden)
 
-    def forward(self, x: Tensor, freqs: Optional[Tensor]) -> Tensor:
-        x = x + F.dropout(self.self_attention(self.input_layernorm(x), freqs), self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), self.dropout, self.training)
+    def forward(self, x: Tensor, freqs: Optional[Tensor], features: Optional[Tensor] = None) -> Tensor:
+        if features is None:
+            x = x + F.dropout(self.self_attention(self.input_layernorm(x), freqs), self.dropout, self.training)
+            return x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), self.dropout, self.training)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada_ln(features).to(x.dtype)[:, None].chunk(6, dim=-1)
+        h = self.self_attention(modulate(self.input_layernorm(x), shift1, scale1), freqs)
+        x = x + gate1 * F.dropout(h, self.dropout, self.training)
+        h = self.mlp(modulate(self.pre_mlp_layernorm(x), shift2, scale2))
+        return x + gate2 * F.dropout(h, self.dropout, self.training)
 
 
 class Decoder(nn.Module):
-    def __init__(self, num_layers: int, hidden: int, heads: int, ffn: int, dropout: float, eps: float):
+    def __init__(self, num_layers: int, hidden: int, heads: int, ffn: int, dropout: float, eps: float,
+                 adaln: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(Layer(hidden, heads, ffn, dropout, eps) for _ in range(num_layers))
+        self.layers = nn.ModuleList(Layer(hidden, heads, ffn, dropout, eps, adaln) for _ in range(num_layers))
         self.final_layernorm = nn.LayerNorm(hidden, eps=eps)
 
 
@@ -115,7 +129,8 @@ class PlainDenoiser(nn.Module):
     def __init__(self, *, vocab_size: int, hidden_size: int, num_layers: int, num_attention_heads: int,
                  ffn_hidden_size: Optional[int] = None, seq_len: int, position_embedding: str = "rope",
                  dropout: float = 0.0, layernorm_eps: float = 1e-5, prime_l: int = 0,
-                 genmd4: Optional[tuple[float, float]] = None, image_shape=None):
+                 genmd4: Optional[tuple[float, float]] = None, image_shape=None,
+                 time_conditioning: str = "none"):
         super().__init__()
         if position_embedding not in ("rope", "learned"):
             raise ValueError(f"position_embedding must be 'rope' or 'learned', got {position_embedding!r}")
@@ -131,9 +146,15 @@ class PlainDenoiser(nn.Module):
             from model.pixels import PixelPositionEmbedding
             self.pixel_position = PixelPositionEmbedding(image_shape, hidden_size, init_std=0.02)
         self.image_shape = tuple(image_shape) if image_shape else None
+        if time_conditioning not in ("none", "adaln"):
+            raise ValueError(f"time_conditioning must be 'none' or 'adaln', got {time_conditioning!r}")
+        self.time_conditioning = time_conditioning
+        adaln = time_conditioning == "adaln"
         self.decoder = Decoder(num_layers, hidden_size, num_attention_heads, ffn_hidden_size or 4 * hidden_size,
-                               dropout, layernorm_eps)
+                               dropout, layernorm_eps, adaln)
         self.output_layer = nn.Linear(hidden_size, vocab_size, bias=False)
+        if adaln:
+            self.final_ada_ln = zero_linear(TIME_FEATURES, 2 * hidden_size)
         if genmd4 is not None:
             from model.diffusion.genmd4 import GenMD4Schedule
             self.genmd4_schedule = GenMD4Schedule(vocab_size, eps=genmd4[0], t1=genmd4[1])
@@ -142,18 +163,22 @@ class PlainDenoiser(nn.Module):
     def from_config(cls, model_cfg, diffusion_cfg=None) -> "PlainDenoiser":
         """From launcher.config.ModelConfig / DiffusionConfig (the same arguments as build_denoiser)."""
         kind = getattr(diffusion_cfg, "kind", "md4")
-        if model_cfg.time_conditioning != "none":
-            raise NotImplementedError(f"time_conditioning={model_cfg.time_conditioning!r}")
         return cls(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
                    num_layers=model_cfg.num_layers, num_attention_heads=model_cfg.num_attention_heads,
                    ffn_hidden_size=model_cfg.ffn_hidden_size, seq_len=model_cfg.seq_len,
                    position_embedding=model_cfg.position_embedding, dropout=model_cfg.dropout,
                    prime_l=diffusion_cfg.prime_l if kind == "prime" else 0,
                    genmd4=(diffusion_cfg.eps, diffusion_cfg.genmd4_t1) if kind == "genmd4" else None,
-                   image_shape=getattr(model_cfg, "image_shape", None))
+                   image_shape=getattr(model_cfg, "image_shape", None),
+                   time_conditioning=model_cfg.time_conditioning)
 
-    def hidden(self, input_ids: Tensor) -> Tensor:
-        """[b, s] ids (Prime: [b, s, l] digits) -> final-norm hidden states [b, s, D]."""
+    def hidden(self, input_ids: Tensor, t: Optional[Tensor] = None) -> Tensor:
+        """[b, s] ids (Prime: [b, s, l] digits), t [b] if time-conditioned -> final-norm hidden states [b, s, D]."""
+        features = None
+        if self.time_conditioning == "adaln":
+            if t is None:
+                raise ValueError("this denoiser is time-conditioned (time_conditioning=adaln): pass t [b]")
+            features = timestep_features(t.to(input_ids.device))
         x = self.subtoken_embedding(input_ids) if self.prime_l else self.embedding(input_ids)
         if self.image_shape:
             x = x + self.pixel_position(x.shape[1]).transpose(0, 1).to(x.dtype)   # [1, s, D]
@@ -161,12 +186,16 @@ class PlainDenoiser(nn.Module):
         s = x.shape[1]
         freqs = rope_freqs(s, self.head_dim, device=x.device) if self.position_embedding == "rope" else None
         for layer in self.decoder.layers:
-            x = layer(x, freqs)
-        return self.decoder.final_layernorm(x)
+            x = layer(x, freqs, features)
+        x = self.decoder.final_layernorm(x)
+        if features is not None:
+            shift, scale = self.final_ada_ln(features).to(x.dtype)[:, None].chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
+        return x
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
-                loss_mask: Optional[Tensor] = None) -> Tensor:
-        h = self.hidden(input_ids)
+                loss_mask: Optional[Tensor] = None, t: Optional[Tensor] = None) -> Tensor:
+        h = self.hidden(input_ids, t)
         if labels is None:
             return self.output_layer(h).float()
         if loss_mask is None:

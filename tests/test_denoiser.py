@@ -70,8 +70,12 @@ def reference(cfg: ModelConfig, batches, diffusion_cfg=None) -> tuple[dict, list
     """TP=PP=1 in this process: full weights, per-token NLL of each batch, gradients of sum of mean NLLs."""
     torch.manual_seed(7)
     model = build_denoiser(cfg, diffusion_cfg=diffusion_cfg)
+    with torch.no_grad():   # adaLN-zero starts at zero: make its maps matter
+        for n, p in model.named_parameters():
+            if "ada_ln" in n:
+                p.normal_(0, 0.02)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    nlls = [model(x, y) for x, y in batches]
+    nlls = [model(b[0], b[1], t=b[2] if len(b) > 2 else None) for b in batches]
     sum(n.mean() for n in nlls).backward()
     return weights, [n.detach() for n in nlls], grads_by_name(model)
 
@@ -176,16 +180,17 @@ def _tp2_sp_variant_worker(rank, world_size, weights, batches, cfg, diffusion_cf
     init_model_parallel(tensor_parallel=2, pipeline_parallel=1, seed=1234)
     model = build_denoiser(cfg, diffusion_cfg=diffusion_cfg, sequence_parallel=True)
     load_full_weights(model, weights, tp_rank=rank)
-    nlls = [model(x, y) for x, y in batches]
+    nlls = [model(b[0], b[1], t=b[2] if len(b) > 2 else None) for b in batches]
     sum(n.mean() for n in nlls).backward()
     return {"nll": [n.detach() for n in nlls], "grads": grads_by_name(model)}
 
 
 @gloo_only
-@pytest.mark.parametrize("variant", ["image", "prime"])
+@pytest.mark.parametrize("variant", ["image", "prime", "adaln"])
 def test_sequence_parallel_image_and_prime_inputs_match_tp1(variant):
     """The inputs the embedding cannot scatter by itself (pixel positions added to the whole sequence;
-    Prime's replicated sub-token table) are scattered after they are formed: same NLL and gradients."""
+    Prime's replicated sub-token table) are scattered after they are formed; adaLN's modulation meets one
+    sequence slice per rank: same NLL and gradients."""
     from launcher.config import DiffusionConfig
     from model.diffusion.prime import prime_base
 
@@ -194,6 +199,9 @@ def test_sequence_parallel_image_and_prime_inputs_match_tp1(variant):
         cfg, dcfg = tiny_config(vocab_size=256, image_shape=[2, 4, 2]), None
         batches = [(torch.randint(0, 257, (2, SEQ), generator=g), torch.randint(0, 256, (2, SEQ), generator=g))
                    for _ in range(2)]
+    elif variant == "adaln":
+        cfg, dcfg = tiny_config(time_conditioning="adaln"), None
+        batches = [(*batch(13 + k), torch.rand(2, dtype=torch.float64, generator=g)) for k in range(2)]
     else:
         cfg, dcfg = tiny_config(), DiffusionConfig(kind="prime", prime_l=2)
         b = prime_base(VOCAB, 2)
@@ -277,16 +285,22 @@ def test_sdpa_attention_matches_megatron_dot_product_attention():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_activation_recomputation_keeps_loss_and_gradients(recompute):
+@pytest.mark.parametrize("recompute,tc", [("selective", "none"), ("full", "none"), ("full", "adaln")])
+def test_activation_recomputation_keeps_loss_and_gradients(recompute, tc):
+    """(adaln: the time features travel through megatron's checkpointed block as the layers' `context`.)"""
     torch.manual_seed(4)
-    plain = build_denoiser(tiny_config())
+    plain = build_denoiser(tiny_config(time_conditioning=tc))
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            if "ada_ln" in n:
+                p.normal_(0, 0.02)
     torch.manual_seed(4)
-    again = build_denoiser(tiny_config(recompute=recompute))
+    again = build_denoiser(tiny_config(recompute=recompute, time_conditioning=tc))
     assert again.config.recompute_granularity == recompute
     again.load_state_dict(plain.state_dict())
     x, y = batch(6)
-    a, b = plain(x, labels=y), again(x, labels=y)
+    t = torch.tensor([0.2, 0.7]) if tc == "adaln" else None
+    a, b = plain(x, labels=y, t=t), again(x, labels=y, t=t)
     torch.testing.assert_close(a, b)
     a.sum().backward()
     b.sum().backward()

@@ -13,7 +13,8 @@ import torch
 from test_train_e2e import PY, REPO, data_dir, env, submit  # noqa: F401  (data_dir is a fixture)
 
 FP32_TP2 = ["run.name=tp2", "optim.train_steps=3", "parallel.precision=fp32", "parallel.tensor_parallel=2",
-            "model.num_layers=2", "logging.eval_batches=0", "optim.ema_decay=0.9", "checkpoint.interval=3"]
+            "model.num_layers=2", "logging.eval_batches=0", "optim.ema_decay=0.9", "checkpoint.interval=3",
+            "model.time_conditioning=adaln"]   # adaLN-zero through export, evaluate, sample and init_from
 
 
 def cli(*args, check=True):
@@ -42,6 +43,7 @@ def test_tp2_export_evaluates_to_the_training_time_bound(tp2_run, data_dir):  # 
     doc = json.loads((tp2_run["export"] / "config.json").read_text())
     assert doc["weights"] == "ema" and doc["step"] == 3 and doc["source"]["tensor_parallel"] == 2
     assert doc["architecture"]["vocab_size"] == 50257 and doc["diffusion"]["kind"] == "md4"
+    assert doc["architecture"]["time_conditioning"] == "adaln"
     out = cli(REPO / "launcher" / "evaluate.py", tp2_run["export"], "--data", data_dir, "--batch-size", "7")
     res = last_json(out.stdout)
     want = tp2_run["val"]
@@ -71,7 +73,9 @@ def test_distributed_evaluate_sums_rows_exactly(tp2_run, data_dir):  # noqa: F81
     assert out.returncode == 0, out.stderr[-3000:]
     dist = last_json(out.stdout)
     assert dist["ranks"] == 2 and dist["rows"] == single["rows"] == 45
-    assert dist["bits_per_token"] == pytest.approx(single["bits_per_token"], rel=1e-9)
+    # every row counted once (one row is ~2% of the sum); float32 matmuls over batches of other shapes
+    # (adaLN's per-row modulation) differ in the last bits
+    assert dist["bits_per_token"] == pytest.approx(single["bits_per_token"], rel=1e-7)
     assert dist["stderr_bits_per_token"] == pytest.approx(single["stderr_bits_per_token"], rel=1e-6)
 
 
@@ -79,7 +83,7 @@ def test_init_from_export_at_tp1_gives_the_same_loss(tp2_run, data_dir):  # noqa
     # one step at a negligible learning rate: the held-out bound after it is the export's
     submit(tp2_run["tmp"], data_dir, "run.name=init_tp1", "optim.train_steps=1", "parallel.precision=fp32",
            "model.num_layers=2", "logging.eval_batches=0", "optim.lr=1e-12", "optim.warmup_steps=0",
-           f"checkpoint.init_from={tp2_run['export']}", procs=1)
+           "model.time_conditioning=adaln", f"checkpoint.init_from={tp2_run['export']}", procs=1)
     run = tp2_run["tmp"] / "runs" / "init_tp1"
     val = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val_bits_per_token" in l]
     assert val[-1]["val_bits_per_token"] == pytest.approx(tp2_run["val"]["val_bits_per_token"], rel=1e-4)

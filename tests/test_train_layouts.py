@@ -87,7 +87,9 @@ def test_md4_pipeline_layouts_match_single_process(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_prime_pipeline_matches_single_process(tmp_path, data_dir):
-    kind = ["diffusion.kind=prime", "diffusion.prime_l=2", "model.num_layers=2", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
+    """Prime with adaLN-zero time conditioning: every stage gets t and its layers' modulation maps."""
+    kind = ["diffusion.kind=prime", "diffusion.prime_l=2", "model.num_layers=2", "optim.micro_batch_size=4",
+            "optim.global_batch_size=8", "model.time_conditioning=adaln"]
     assert_same(run(tmp_path, data_dir, "prime_pp2", 2, *kind, "parallel.pipeline_parallel=2"),
                 run(tmp_path, data_dir, "prime_single_gas", 1, *kind))
 
