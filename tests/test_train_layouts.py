@@ -59,11 +59,15 @@ def test_genmd4_trains_its_schedule_data_parallel(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_md4_pipeline_layouts_match_single_process(tmp_path, data_dir):
-    """PP=2 (megatron-core's 1F1B schedule under DeepSpeed ZeRO-1, two micro-batches per step) and
-    TP=2 x PP=2 against one process with the same weights (CPU initialisation is layout-independent)."""
-    gas = ["model.num_layers=2", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
+    """PP=2 (megatron-core's 1F1B schedule under DeepSpeed ZeRO-1, two micro-batches per step), TP=2 x PP=2 and
+    PP=2 x VPP=2 (interleaved 1F1B over two model chunks per rank: layers 0 and 2 on rank 0, 1 and 3 on rank 1;
+    its held-out bound runs forward-only through the same schedule) against one process with the same weights
+    (CPU initialisation is layout-independent)."""
+    gas = ["model.num_layers=4", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
     ref = run(tmp_path, data_dir, "single_gas", 1, *gas)
     assert_same(run(tmp_path, data_dir, "pp2", 2, *gas, "parallel.pipeline_parallel=2"), ref)
+    assert_same(run(tmp_path, data_dir, "pp2_vpp2", 2, *gas, "parallel.pipeline_parallel=2",
+                    "parallel.virtual_pipeline=2"), ref)
     assert_same(run(tmp_path, data_dir, "tp2_pp2", 4, *gas, "parallel.pipeline_parallel=2",
                     "parallel.tensor_parallel=2"), ref)
 
