@@ -216,7 +216,8 @@ def checkpoint_weights(path: str | Path, weights: str | None = None, cfg=None):
     meta = {"weights": weights, "step": client.get("step"), "tokens_seen": client.get("tokens_seen"),
             "code_version": version.read_text().strip() if version.is_file() else "unknown",
             "source": {"checkpoint": str(tag_dir.resolve()), "tensor_parallel": tp, "pipeline_parallel": pp,
-                       "virtual_pipeline": vpp, "zero_stage": cfg.parallel.zero_stage, "deepspeed": client.get("ds_version")}}
+                       "virtual_pipeline": vpp, "zero_stage": cfg.parallel.zero_stage,
+                       "deepspeed": client.get("ds_version")}}
     return cfg, tensors, meta
 
 

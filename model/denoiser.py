@@ -293,18 +293,19 @@ def _recompute_kwargs(recompute: str) -> dict:
     raise ValueError(f"model.recompute={recompute!r}: use none, selective or full")
 
 
-def _virtual_pipeline_kwargs(pp: int, vpp: Optional[int]) -> dict:
-    """TransformerConfig fields of interleaved PP (virtual_pipeline_model_parallel_size: megatron builds the
-    chunk's layers at its offset and picks forward_backward_pipelining_with_interleaving).
+def _virtual_pipeline_kwargs(vpp: Optional[int]) -> dict:
+    """TransformerConfig fields of interleaved PP (virtual_pipeline_model_parallel_size: TransformerBlock builds a
+    chunk's layers at megatron's offset for its vp_stage; the interleaved schedule reads it too).
     microbatch_group_size_per_vp_stage stays megatron's default, PP (launcher.config.validate_world checks the
     number of micro-batches against it).
 
-    batch_p2p_comm=False (megatron's _p2p_ops; megatron-based trainers turn batching off under VPP too): the
-    interleaved schedule sends an activation to the next rank and a gradient to the previous one in the same call, and at
-    PP=2 both are the same peer. _batched_p2p_ops posts them as [send_prev, recv_prev, send_next, recv_next]
-    on one group, so the peer's recv_prev is matched with the gradient and its recv_next with the activation
-    (same shape, no error: the PP=2 x VPP=2 losses came out wrong in tests/test_denoiser.py); _p2p_ops orders
-    them by rank parity and puts the two directions on different groups at PP=2."""
+    batch_p2p_comm=False (megatron's _p2p_ops; megatron-based trainers turn batching off under VPP too):
+    the interleaved schedule sends an activation to the next rank and a gradient to the previous one in the
+    same call, and at PP=2 both are the same peer. _batched_p2p_ops posts them as [send_prev, recv_prev,
+    send_next, recv_next] on one group, so the peer's recv_prev is matched with the gradient and its recv_next
+    with the activation (same shape, no error: the PP=2 x VPP=2 losses came out wrong in
+    tests/test_denoiser.py); _p2p_ops orders them by rank parity and puts the two directions on different
+    groups at PP=2."""
     if vpp is None:
         return {}
     return {"virtual_pipeline_model_parallel_size": vpp, "batch_p2p_comm": False}
@@ -327,7 +328,7 @@ def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32,
         init_method_std=model_cfg.init_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        **_virtual_pipeline_kwargs(pp, vpp),
+        **_virtual_pipeline_kwargs(vpp),
         pipeline_dtype=params_dtype,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,

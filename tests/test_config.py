@@ -132,8 +132,8 @@ def test_virtual_pipeline_needs_micro_batches_in_multiples_of_the_pipeline_size(
     with pytest.raises(ConfigError) as e:
         validate_world(cfg, world)
     gas = global_batch // (micro * (world // 2))
-    assert "parallel.virtual_pipeline" in str(e.value) and f"= {gas}, to be a multiple of parallel.pipeline_parallel=2" \
-        in str(e.value)
+    assert "parallel.virtual_pipeline" in str(e.value)
+    assert f"= {gas}, to be a multiple of parallel.pipeline_parallel=2" in str(e.value)
     cfg.parallel.virtual_pipeline = 1      # the 1F1B schedule takes any number of micro-batches
     validate_world(cfg, world)
 

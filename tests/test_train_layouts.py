@@ -64,10 +64,14 @@ def test_md4_pipeline_layouts_match_single_process(tmp_path, data_dir):
     its held-out bound runs forward-only through the same schedule) against one process with the same weights
     (CPU initialisation is layout-independent)."""
     gas = ["model.num_layers=4", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
-    ref = run(tmp_path, data_dir, "single_gas", 1, *gas)
+    sample = ["logging.sample_at_end=true", "logging.num_samples=3", "sampler.steps=4"]   # 3 rows: not a multiple of PP
+    ref = run(tmp_path, data_dir, "single_gas", 1, *gas, *sample)
     assert_same(run(tmp_path, data_dir, "pp2", 2, *gas, "parallel.pipeline_parallel=2"), ref)
-    assert_same(run(tmp_path, data_dir, "pp2_vpp2", 2, *gas, "parallel.pipeline_parallel=2",
+    assert_same(run(tmp_path, data_dir, "pp2_vpp2", 2, *gas, *sample, "parallel.pipeline_parallel=2",
                     "parallel.virtual_pipeline=2"), ref)
+    drawn = [json.loads((tmp_path / "runs" / name / "result.json").read_text())["sample"]
+             for name in ("single_gas", "pp2_vpp2")]
+    assert drawn[0] == drawn[1] and drawn[0]       # the same logits, so the same draws
     assert_same(run(tmp_path, data_dir, "tp2_pp2", 4, *gas, "parallel.pipeline_parallel=2",
                     "parallel.tensor_parallel=2"), ref)
 
