@@ -223,13 +223,14 @@ def test_pipeline_checkpoint_exports_evaluates_and_loads_at_another_layout(tmp_p
     training-time held-out bound, and loads through checkpoint.init_from into another layout (PP=2 x VPP=2, or
     TP=1, PP=1) with the same bound."""
     layout = ["optim.train_steps=2", "parallel.precision=fp32", "model.num_layers=4", "logging.eval_batches=0",
-              "optim.micro_batch_size=4", "optim.global_batch_size=8", "checkpoint.interval=2"]
+              "optim.micro_batch_size=4", "optim.global_batch_size=8", "checkpoint.interval=2", "optim.ema_decay=0.9"]
     submit(tmp_path, data_dir, f"run.name={source}", *layout, *PIPELINE_LAYOUTS[source], procs=procs)
     run = tmp_path / "runs" / source
     want = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val_bits_per_token" in l][-1]
     export = tmp_path / "export"
     cli(REPO / "launcher" / "export.py", run, "--out", export)
     doc = json.loads((export / "config.json").read_text())
+    assert doc["weights"] == "ema"       # the bound was evaluated with the EMA of every stage's (chunk's) weights
     assert [doc["source"][k] for k in ("tensor_parallel", "pipeline_parallel", "virtual_pipeline")] == \
         ([2, 2, 1] if source == "tp2pp2" else [1, 2, 2])
     res = last_json(cli(REPO / "launcher" / "evaluate.py", export, "--data", data_dir, "--no-progress").stdout)
