@@ -100,7 +100,8 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline: int = 1                      # model chunks per pipeline rank (interleaved 1F1B); 1 = off
-    zero_stage: int = 1                            # DeepSpeed ZeRO stage: 1 or 2
+    sequence_parallel: bool = False                # megatron's sequence parallelism over the TP group
+    zero_stage: int = 1                            # DeepSpeed ZeRO stage: 1, 2 or 3 (3: PP = 1, no EMA)
     precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast where the device supports it
 
 
@@ -338,6 +339,10 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _require(p.zero_stage in (0, 1, 2, 3), source, "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     _require(m.num_attention_heads % p.tensor_parallel == 0, source, "parallel.tensor_parallel",
              f"model.num_attention_heads={m.num_attention_heads} is not divisible by tensor_parallel={p.tensor_parallel}")
+    _require(not p.sequence_parallel or p.tensor_parallel > 1, source, "parallel.sequence_parallel",
+             "true needs parallel.tensor_parallel > 1 (it splits the sequence over the tensor-parallel group)")
+    _require(not p.sequence_parallel or m.seq_len % p.tensor_parallel == 0, source, "parallel.sequence_parallel",
+             f"model.seq_len={m.seq_len} is not divisible by tensor_parallel={p.tensor_parallel}")
     _require(m.num_layers % p.pipeline_parallel == 0, source, "parallel.pipeline_parallel",
              f"model.num_layers={m.num_layers} is not divisible by pipeline_parallel={p.pipeline_parallel}")
     _require(p.virtual_pipeline == 1 or p.pipeline_parallel > 1, source, "parallel.virtual_pipeline",
@@ -347,11 +352,17 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
              f"model.num_layers={m.num_layers} is not divisible by pipeline_parallel x virtual_pipeline = "
              f"{p.pipeline_parallel} x {p.virtual_pipeline} (every model chunk holds the same number of layers)")
     _require(p.pipeline_parallel == 1 or p.zero_stage == 1, source, "parallel.zero_stage",
-             f"{p.zero_stage} with parallel.pipeline_parallel={p.pipeline_parallel}: ZeRO-2 partitions gradients "
-             "inside DeepSpeed's backward, which megatron's 1F1B pipeline schedule bypasses; use zero_stage 1")
-    _require(p.zero_stage in (1, 2), source, "parallel.zero_stage",
-             f"{p.zero_stage}: use 1 or 2 (ZeRO-3 does not fit megatron-core's tensor-parallel layers; without "
-             "ZeRO, DeepSpeed would not skip steps whose gradients are not finite)")
+             f"{p.zero_stage} with parallel.pipeline_parallel={p.pipeline_parallel}: ZeRO-2 and -3 partition "
+             "gradients inside DeepSpeed's backward, which megatron's 1F1B pipeline schedule bypasses; use zero_stage 1")
+    _require(p.zero_stage in (1, 2, 3), source, "parallel.zero_stage",
+             f"{p.zero_stage}: use 1, 2 or 3 (without ZeRO, DeepSpeed would not skip steps whose gradients are "
+             "not finite)")
+    _require(p.zero_stage != 3 or o.ema_decay == 0, source, "optim.ema_decay",
+             f"{o.ema_decay} with parallel.zero_stage=3: the EMA copies whole weights, which ZeRO-3 holds only as "
+             "partitions between forward passes; use zero_stage 1 or 2 with an EMA")
+    _require(p.zero_stage != 3 or d.kind != "genmd4", source, "diffusion.kind",
+             "genmd4 with parallel.zero_stage=3: the learned schedule w is read outside the network's forward, "
+             "where ZeRO-3 holds only a partition of it; use zero_stage 1 or 2")
     _require(0.0 <= o.ema_decay < 1.0, source, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
     _require(o.max_consecutive_skips >= 1, source, "optim.max_consecutive_skips", "must be >= 1")
     _require(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")

@@ -123,10 +123,10 @@ def read_checkpoint(tag_dir: Path, tp: int, pp: int) -> dict[tuple[int, int], di
             a, b = int(m[1]), m[2]
             key = (a, int(b)) if b is not None else (a % tp, a // tp)
             files[key] = f
-    zero3 = list(tag_dir.glob("zero_pp_rank_*_model_states.pt"))
-    if not files and zero3:
-        raise ExportError(f"{tag_dir}: ZeRO-3 partitioned model states ({zero3[0].name}); only ZeRO 1/2 "
-                          "checkpoints hold whole model-parallel shards")
+    if not files and any(tag_dir.glob("zero_pp_rank_*_model_states.pt")):
+        if pp != 1:
+            raise ExportError(f"{tag_dir}: ZeRO-3 partitions with PP={pp} (ZeRO-3 runs only at PP=1)")
+        return {(t, 0): _read_zero3(tag_dir, t) for t in range(tp)}
     want = {(t, p) for t in range(tp) for p in range(pp)}
     missing = sorted(want - set(files))
     if missing:
@@ -148,6 +148,51 @@ def read_checkpoint(tag_dir: Path, tp: int, pp: int) -> dict[tuple[int, int], di
         shards[key] = {"module": module, "ema": ema["shadow"] if ema else None, "file": files[key],
                        "client": {k: state.get(k) for k in ("step", "tokens_seen", "global_steps", "ds_version")}}
     return shards
+
+
+_ZERO3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
+
+
+def _read_zero3(tag_dir: Path, tp_rank: int) -> dict:
+    """One tensor-parallel shard of a ZeRO-3 checkpoint: every data-parallel rank holds a partition of each
+    parameter (fp32 master copy in its optim_states file); DeepSpeed's zero_to_fp32 reassembles them. The
+    files are read with `launcher.checkpoint.safe_load` (zero_to_fp32's own reader unpickles anything)."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    from launcher.checkpoint import safe_load
+
+    files: dict[str, dict[int, Path]] = {"model": {}, "optim": {}}
+    for f in tag_dir.iterdir():
+        m = _ZERO3.match(f.name)
+        if m and int(m[2]) == tp_rank:
+            files[m[3]][int(m[1])] = f
+    dp = len(files["model"])
+    for kind in ("model", "optim"):
+        if sorted(files[kind]) != list(range(dp)) or not dp:
+            raise ExportError(f"{tag_dir}: ZeRO-3 {kind} states of tensor-parallel rank {tp_rank} are incomplete "
+                              f"(data-parallel ranks {sorted(files[kind])} of {dp})")
+
+    def load(path: Path) -> dict:
+        try:
+            return safe_load(path)
+        except RuntimeError as e:
+            raise ExportError(str(e)) from None
+
+    models = [load(files["model"][r]) for r in range(dp)]
+    optims = [load(files["optim"][r])["optimizer_state_dict"] for r in range(dp)]
+    for r, (ms, os_) in enumerate(zip(models, optims)):
+        if "param_shapes" not in ms or os_.get("partition_count") not in (dp, [dp]) or "fp32_flat_groups" not in os_:
+            raise ExportError(f"{files['model'][r]}: not a ZeRO-3 shard of a {dp}-rank data-parallel checkpoint")
+    states = [z.zero_model_state(buffers={k: v for k, v in ms["module"].items() if k in ms["buffer_names"]},
+                                 param_shapes=ms["param_shapes"], shared_params=list(ms["shared_params"].items()),
+                                 ds_version=ms.get("ds_version"), frozen_param_shapes=ms.get("frozen_param_shapes"),
+                                 frozen_param_fragments=ms.get("frozen_param_fragments")) for ms in models]
+    full = z._get_fp32_state_dict_from_zero3_checkpoint(dp, [o["fp32_flat_groups"] for o in optims], states,
+                                                        exclude_frozen_parameters=False)
+    module = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in z.to_torch_tensor(full).items()}
+    head = models[0]
+    return {"module": module, "ema": None, "file": files["model"][0],
+            "client": {k: head.get(k) for k in ("step", "tokens_seen", "global_steps", "ds_version")}}
 
 
 def consolidate(parts: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int, pp: int,

@@ -10,7 +10,8 @@ torch says "Torch not compiled with CUDA enabled" instead of "Found no NVIDIA dr
      writes torch.get_rng_state()/torch.set_rng_state(); torch.cuda.manual_seed(s) there means
      torch.manual_seed(s).
   2. `torch.cuda.current_device()` / `synchronize()` and `device="cuda"` literals inside the pipeline
-     schedules, p2p communication, tensor-parallel mappings and rotary embedding modules mean the CPU.
+     schedules, p2p communication, tensor-parallel mappings and layers (sequence parallelism's gather
+     and reduce-scatter buffers) and rotary embedding modules mean the CPU.
   3. GlobalMemoryBuffer (get_global_memory_buffer) allocates on the CPU.
   4. Tensor-parallel linear layers honour CPU autocast in backward (megatron decorates their autograd
      functions with custom_fwd/custom_bwd(device_type="cuda"), so under torch.autocast("cpu") the backward
@@ -124,6 +125,10 @@ _MODULES_SEEING_CPU_TORCH = {
     # torch.cuda.current_device() (gather_from_tensor_model_parallel_region, i.e. gathering TP logits)
     #   -> RuntimeError: Found no NVIDIA driver on your system. ...
     "megatron.core.tensor_parallel.mappings",
+    # LinearWithGradAccumulationAndAsyncCommunication.backward under sequence parallelism: the
+    # reduce-scatter buffer torch.empty(..., device=torch.cuda.current_device())
+    #   -> RuntimeError: Found no NVIDIA driver on your system. ...
+    "megatron.core.tensor_parallel.layers",
     # CudaRNGStatesTracker.add: torch.cuda.get_rng_state()  (from model_parallel_cuda_manual_seed)
     #   -> RuntimeError: Found no NVIDIA driver on your system. ...
     # model_parallel_cuda_manual_seed: torch.cuda.manual_seed(seed) silently queues a lazy call that never

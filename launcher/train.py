@@ -192,7 +192,8 @@ class Trainer:
         manifest = check_manifest(data_dir, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
                                   vocab_size=cfg.model.vocab_size, image_shape=cfg.model.image_shape)
         self.image_shape = cfg.model.image_shape or manifest.get("image_shape")
-        model = build_pipeline_stage(cfg.model, diffusion_cfg=cfg.diffusion)   # under VPP: ModelChunks, one module
+        model = build_pipeline_stage(cfg.model, diffusion_cfg=cfg.diffusion,   # under VPP: ModelChunks, one module
+                                     sequence_parallel=cfg.parallel.sequence_parallel)
         if cfg.checkpoint.init_from:
             # an export (any source layout): each rank slices its TP/PP shard; a resumable checkpoint,
             # loaded below, takes precedence

@@ -46,9 +46,12 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.utils import get_pg_rank
 
 from model.pixels import PixelPositionEmbedding
 
@@ -108,26 +111,75 @@ def resolve_attention(choice: str) -> str:
 
 def kernel_report(attention: str) -> str:
     """What runs, for the start-of-training log line."""
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
     spec = bidirectional_layer_spec(attention)
     norm = spec.submodules.input_layernorm
-    norm_name = "torch LayerNorm" if norm is WrappedTorchNorm else f"{norm.__module__}.{norm.__name__}"
+    norm_name = "torch LayerNorm" if norm is TorchLayerNorm else f"{norm.__module__}.{norm.__name__}"
     attn = ("torch scaled_dot_product_attention (flash / memory-efficient / CPU fused, torch's choice)"
             if attention == "sdpa" else "megatron-core DotProductAttention (unfused)")
     opt = "torch AdamW (fused)" if torch.cuda.is_available() else "torch AdamW (foreach)"
     return f"attention={attn}; norm={norm_name}; optimizer={opt}"
 
 
+class TorchLayerNorm(torch.nn.LayerNorm):
+    """megatron's norm interface (what WrappedTorchNorm builds) on torch.nn.LayerNorm, with sequence
+    parallelism, which WrappedTorchNorm refuses. Under SP each tensor-parallel rank normalises only its
+    slice of the sequence, so the gradients of the (replicated) weight and bias are partial sums; they
+    carry megatron's `sequence_parallel` marker, like apex's FusedLayerNorm's and the row-parallel biases,
+    and `sum_sequence_parallel_grads` completes them over the TP group."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        if config.normalization != "LayerNorm":
+            raise ValueError(f"TorchLayerNorm implements LayerNorm, not {config.normalization}")
+        if config.layernorm_zero_centered_gamma or config.memory_efficient_layer_norm:
+            raise ValueError("TorchLayerNorm: zero-centred gamma / memory-efficient layer norm are apex features")
+        super().__init__(hidden_size, eps=eps)
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+
+def sum_sequence_parallel_grads(model: torch.nn.Module) -> int:
+    """Under sequence parallelism, parameters marked `sequence_parallel` (norms, row-parallel biases) are
+    replicated over TP but each rank's gradient covers only its sequence slice: a hook on each sums the
+    slices over the TP group as the gradient is produced, before DeepSpeed's gradient hooks read it (what
+    megatron's finalize_model_grads does for megatron's own DDP). Returns the number of hooked parameters."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return 0
+    group = parallel_state.get_tensor_model_parallel_group()
+
+    def hook(grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=group)
+        return grad
+
+    hooked = 0
+    for p in model.parameters():
+        if p.requires_grad and getattr(p, "sequence_parallel", False):
+            p.register_hook(hook)
+            hooked += 1
+    return hooked
+
+
 def bidirectional_layer_spec(attention: str = "sdpa") -> ModuleSpec:
     """megatron's local (non-transformer-engine) GPT layer with the causal mask removed; its norms are
-    apex's FusedLayerNorm when apex is installed, torch's LayerNorm otherwise (megatron decides)."""
+    apex's FusedLayerNorm when apex is installed (megatron's choice), otherwise TorchLayerNorm."""
     spec = copy.deepcopy(get_gpt_layer_local_spec())
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(spec.submodules, name) is WrappedTorchNorm:
+            setattr(spec.submodules, name, TorchLayerNorm)
     attn = spec.submodules.self_attention
     attn.params = {**attn.params, "attn_mask_type": AttnMaskType.no_mask}
     if resolve_attention(attention) == "sdpa":
         attn.submodules.core_attention = SDPACoreAttention
     return spec
+
+
+def bidirectional_block_spec(config: TransformerConfig, attention: str, pp_rank: int,
+                             vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    """This stage's layers of `bidirectional_layer_spec` plus the final norm, of the same class as the
+    layers' norms (megatron's block would pick WrappedTorchNorm, which has no sequence parallelism)."""
+    layer = bidirectional_layer_spec(attention)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage, pp_rank),
+                                      layer_norm=layer.submodules.input_layernorm)
 
 
 class MaskedDiffusionTransformer(MegatronModule):
@@ -169,10 +221,12 @@ class MaskedDiffusionTransformer(MegatronModule):
             self.subtoken_embedding = SubTokenEmbedding(prime_base(vocab_size, prime_l), prime_l,
                                                         config.hidden_size, init_std=config.init_method_std)
         elif pre_process:
+            # under sequence parallelism the embedding reduce-scatters its output to this rank's sequence
+            # slice itself, unless pixel positions are still to be added to the whole sequence
             self.embedding = LanguageModelEmbedding(
                 config=config, vocab_size=self.input_vocab_size, max_sequence_length=max_sequence_length,
                 position_embedding_type="rope" if position_embedding == "rope" else "learned_absolute",
-                tp_group=pgs.tp)
+                scatter_to_sequence_parallel=not image_shape, tp_group=pgs.tp)
         self.image_shape = tuple(image_shape) if image_shape else None
         if pre_process and self.image_shape:
             self.pixel_position = PixelPositionEmbedding(self.image_shape, config.hidden_size, config.init_method_std)
@@ -181,12 +235,17 @@ class MaskedDiffusionTransformer(MegatronModule):
                 kv_channels=config.kv_channels, rotary_percent=1.0,
                 rotary_interleaved=config.rotary_interleaved,
                 use_cpu_initialization=config.use_cpu_initialization, cp_group=pgs.cp)
-        self.decoder = TransformerBlock(config=config, spec=bidirectional_layer_spec(attention),
-                                        pre_process=pre_process, post_process=post_process, pg_collection=pgs,
-                                        vp_stage=vp_stage)
+        block = bidirectional_block_spec(config, attention, pp_rank=get_pg_rank(pgs.pp), vp_stage=vp_stage)
+        self.decoder = TransformerBlock(config=config, spec=block, pre_process=pre_process,
+                                        post_process=post_process, pg_collection=pgs, vp_stage=vp_stage)
         if post_process:
+            # the output layer sees the whole sequence even under sequence parallelism: `forward` gathers
+            # the final hidden states first, so that the loss mask can select positions before the
+            # vocabulary projection
+            out_config = copy.copy(config)
+            out_config.sequence_parallel = False
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, self.output_vocab_size, config=config, init_method=config.init_method,
+                config.hidden_size, self.output_vocab_size, config=out_config, init_method=config.init_method,
                 bias=False, gather_output=False, skip_bias_add=False, tp_group=pgs.tp)
             if zero_init_output:
                 with torch.no_grad():
@@ -232,12 +291,23 @@ class MaskedDiffusionTransformer(MegatronModule):
         else:
             hidden = None                                  # the block reads its set_input_tensor
             s = self.decoder.input_tensor.size(0)
+        sp = self.config.sequence_parallel
         if self.pre_process and self.image_shape:
             hidden = hidden + self.pixel_position(s).to(hidden.dtype)
+        if sp and self.pre_process and (self.prime_l or self.image_shape):
+            # the embedding could not scatter by itself: this rank keeps its slice of the sequence (the
+            # backward gathers the gradient, so the replicated embeddings get the whole of it)
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+        if sp and not self.pre_process:
+            s *= parallel_state.get_tensor_model_parallel_world_size()   # the stage got [s / TP, b, h]
         rotary = self.rotary_pos_emb(s) if self.position_embedding == "rope" else None
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
         if not self.post_process:
             return hidden
+        if sp:
+            # [s / TP, b, h] -> [s, b, h]; the output layer all-reduces its input gradient over TP, so the
+            # backward of the gather only keeps this rank's slice
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
 
         if labels is not None and loss_mask is not None:
             sel = loss_mask.transpose(0, 1)                 # [s, b]; identical on every TP rank
@@ -311,10 +381,13 @@ def _virtual_pipeline_kwargs(vpp: Optional[int]) -> dict:
     return {"virtual_pipeline_model_parallel_size": vpp, "batch_p2p_comm": False}
 
 
-def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32,
-                       whole_model: bool = False) -> TransformerConfig:
+def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32, whole_model: bool = False,
+                       sequence_parallel: bool = False) -> TransformerConfig:
     """megatron TransformerConfig from our ModelConfig; TP/PP sizes come from megatron's parallel_state
-    (whole_model: all layers on this rank whatever the pipeline size)."""
+    (whole_model: all layers on this rank whatever the pipeline size); sequence_parallel: megatron's
+    sequence parallelism (norms, dropout and residuals on [s / TP, b, h]; needs TP > 1)."""
+    if sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() == 1:
+        raise ValueError("sequence parallelism needs tensor parallelism (TP > 1)")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = 1 if whole_model else parallel_state.get_pipeline_model_parallel_world_size()
     vpp = None if whole_model else parallel_state.get_virtual_pipeline_model_parallel_world_size()
@@ -327,6 +400,7 @@ def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32,
         attention_dropout=model_cfg.dropout,
         init_method_std=model_cfg.init_std,
         tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
         pipeline_model_parallel_size=pp,
         **_virtual_pipeline_kwargs(vpp),
         pipeline_dtype=params_dtype,
@@ -340,19 +414,22 @@ def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32,
 
 def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_process: bool = True,
                    post_process: bool = True, diffusion_cfg=None, whole_model: bool = False,
-                   vp_stage: Optional[int] = None) -> MaskedDiffusionTransformer:
+                   sequence_parallel: bool = False, vp_stage: Optional[int] = None) -> MaskedDiffusionTransformer:
     """The denoiser for `model_cfg` (launcher.config.ModelConfig), one pipeline stage of it under PP.
 
     Needs megatron's parallel_state initialised (launcher.megatron_cpu.init_model_parallel). For PP pass
     pre_process=parallel_state.is_pipeline_first_stage(), post_process=...is_pipeline_last_stage(); under
     interleaved PP one call per model chunk (vp_stage; see build_pipeline_stage).
     diffusion_cfg (launcher.config.DiffusionConfig) selects Prime's sub-token input (kind prime) or
-    GenMD4's learned schedule w (kind genmd4); None or md4: the token denoiser."""
+    GenMD4's learned schedule w (kind genmd4); None or md4: the token denoiser. sequence_parallel
+    (TP > 1): megatron's sequence parallelism, the TP gradient sums of `sequence_parallel` parameters
+    hooked in."""
     kind = getattr(diffusion_cfg, "kind", "md4")
     if model_cfg.time_conditioning != "none":
         raise NotImplementedError(f"time_conditioning={model_cfg.time_conditioning!r}")
-    return MaskedDiffusionTransformer(
-        transformer_config(model_cfg, params_dtype=params_dtype, whole_model=whole_model),
+    model = MaskedDiffusionTransformer(
+        transformer_config(model_cfg, params_dtype=params_dtype, whole_model=whole_model,
+                           sequence_parallel=sequence_parallel),
         vocab_size=model_cfg.vocab_size, max_sequence_length=model_cfg.seq_len,
         position_embedding=model_cfg.position_embedding, zero_init_output=model_cfg.zero_init_output,
         make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,
@@ -361,6 +438,9 @@ def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_
         genmd4=(diffusion_cfg.eps, diffusion_cfg.genmd4_t1) if kind == "genmd4" else None,
         attention=resolve_attention(getattr(model_cfg, "attention", "auto")),
         image_shape=getattr(model_cfg, "image_shape", None), vp_stage=vp_stage)
+    if sequence_parallel:
+        sum_sequence_parallel_grads(model)
+    return model
 
 
 class ModelChunks(torch.nn.Module):
@@ -387,8 +467,8 @@ def model_chunks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return list(module.chunks) if isinstance(module, ModelChunks) else [module]
 
 
-def build_pipeline_stage(model_cfg, *, diffusion_cfg=None,
-                         params_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_pipeline_stage(model_cfg, *, diffusion_cfg=None, params_dtype: torch.dtype = torch.float32,
+                         sequence_parallel: bool = False) -> torch.nn.Module:
     """This rank's part of the denoiser (megatron's parallel_state says which): the whole model at PP=1, its
     pipeline stage under PP, and under interleaved PP (virtual pipeline size VPP) a `ModelChunks` of VPP chunks,
     chunk c holding the layers megatron assigns it ((c * PP + p) * L / (PP * VPP) ... on pipeline rank p; the
@@ -400,11 +480,13 @@ def build_pipeline_stage(model_cfg, *, diffusion_cfg=None,
     PP=1 build leaves it."""
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if pp == 1:
-        return build_denoiser(model_cfg, params_dtype=params_dtype, diffusion_cfg=diffusion_cfg)
+        return build_denoiser(model_cfg, params_dtype=params_dtype, diffusion_cfg=diffusion_cfg,
+                              sequence_parallel=sequence_parallel)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
 
     def build_chunks() -> list[MaskedDiffusionTransformer]:
         return [build_denoiser(model_cfg, params_dtype=params_dtype, diffusion_cfg=diffusion_cfg, vp_stage=vp,
+                               sequence_parallel=sequence_parallel,
                                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp))
                 for vp in ([None] if vpp is None else range(vpp))]

@@ -66,10 +66,10 @@ def grads_by_name(model: torch.nn.Module, layer_offset: int = 0) -> dict[str, to
     return {global_name(n, layer_offset): p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def reference(cfg: ModelConfig, batches) -> tuple[dict, list[torch.Tensor], dict]:
+def reference(cfg: ModelConfig, batches, diffusion_cfg=None) -> tuple[dict, list[torch.Tensor], dict]:
     """TP=PP=1 in this process: full weights, per-token NLL of each batch, gradients of sum of mean NLLs."""
     torch.manual_seed(7)
-    model = build_denoiser(cfg)
+    model = build_denoiser(cfg, diffusion_cfg=diffusion_cfg)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     nlls = [model(x, y) for x, y in batches]
     sum(n.mean() for n in nlls).backward()
@@ -120,9 +120,9 @@ def test_fp32_params_train_under_bf16_autocast():
 
 # ----- tensor parallel: TP=2 vs TP=1 -------------------------------------------------------------------
 
-def _tp2_worker(rank, world_size, weights, batches):
+def _tp2_worker(rank, world_size, weights, batches, sequence_parallel=False):
     init_model_parallel(tensor_parallel=2, pipeline_parallel=1, seed=1234)
-    model = build_denoiser(tiny_config())
+    model = build_denoiser(tiny_config(), sequence_parallel=sequence_parallel)
     load_full_weights(model, weights, tp_rank=rank)
     nlls = [model(x, y) for x, y in batches]
     sum(n.mean() for n in nlls).backward()
@@ -134,11 +134,14 @@ def _tp2_worker(rank, world_size, weights, batches):
 
 
 @gloo_only
-def test_tp2_matches_tp1_nll_and_gradients():
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+def test_tp2_matches_tp1_nll_and_gradients(sequence_parallel):
+    """Also with sequence parallelism: norms and row-parallel biases see half the sequence on each rank, and
+    their gradients, summed over TP by the hooks, equal the TP=1 ones."""
     cfg = tiny_config()
     batches = [batch(10), batch(11)]
     weights, ref_nll, ref_grads = reference(cfg, batches)
-    ranks = run_distributed(_tp2_worker, world_size=2, args=(weights, batches))
+    ranks = run_distributed(_tp2_worker, world_size=2, args=(weights, batches, sequence_parallel))
 
     for r in ranks:
         for got, want in zip(r["nll"], ref_nll):
@@ -152,15 +155,56 @@ def test_tp2_matches_tp1_nll_and_gradients():
     assert ranks[0]["full_logits"].shape == (2, SEQ, VOCAB)
     torch.testing.assert_close(ranks[0]["full_logits"], ranks[1]["full_logits"])
 
-    probe = build_denoiser(cfg)   # only for the partition attributes of each parameter
+    assert_tp_grads_match(cfg, None, ranks, ref_grads)
+
+
+def assert_tp_grads_match(cfg, diffusion_cfg, ranks, ref_grads) -> None:
+    """TP shards concatenated along their partition dim (replicated parameters: every rank's) == TP=1."""
+    probe = build_denoiser(cfg, diffusion_cfg=diffusion_cfg)   # only for the partition attributes
     for name, p in probe.named_parameters():
         want = ref_grads[name]
         if getattr(p, "tensor_model_parallel", False):
             got = torch.cat([r["grads"][name] for r in ranks], dim=p.partition_dim)
             got = got.narrow(p.partition_dim, 0, want.shape[p.partition_dim])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
         else:
-            got = ranks[0]["grads"][name]
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+            for r in ranks:
+                torch.testing.assert_close(r["grads"][name], want, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def _tp2_sp_variant_worker(rank, world_size, weights, batches, cfg, diffusion_cfg):
+    init_model_parallel(tensor_parallel=2, pipeline_parallel=1, seed=1234)
+    model = build_denoiser(cfg, diffusion_cfg=diffusion_cfg, sequence_parallel=True)
+    load_full_weights(model, weights, tp_rank=rank)
+    nlls = [model(x, y) for x, y in batches]
+    sum(n.mean() for n in nlls).backward()
+    return {"nll": [n.detach() for n in nlls], "grads": grads_by_name(model)}
+
+
+@gloo_only
+@pytest.mark.parametrize("variant", ["image", "prime"])
+def test_sequence_parallel_image_and_prime_inputs_match_tp1(variant):
+    """The inputs the embedding cannot scatter by itself (pixel positions added to the whole sequence;
+    Prime's replicated sub-token table) are scattered after they are formed: same NLL and gradients."""
+    from launcher.config import DiffusionConfig
+    from model.diffusion.prime import prime_base
+
+    g = torch.Generator().manual_seed(12)
+    if variant == "image":
+        cfg, dcfg = tiny_config(vocab_size=256, image_shape=[2, 4, 2]), None
+        batches = [(torch.randint(0, 257, (2, SEQ), generator=g), torch.randint(0, 256, (2, SEQ), generator=g))
+                   for _ in range(2)]
+    else:
+        cfg, dcfg = tiny_config(), DiffusionConfig(kind="prime", prime_l=2)
+        b = prime_base(VOCAB, 2)
+        batches = [(torch.randint(0, b + 1, (2, SEQ, 2), generator=g), torch.randint(0, VOCAB, (2, SEQ), generator=g))
+                   for _ in range(2)]
+    weights, ref_nll, ref_grads = reference(cfg, batches, dcfg)
+    ranks = run_distributed(_tp2_sp_variant_worker, world_size=2, args=(weights, batches, cfg, dcfg))
+    for r in ranks:
+        for got, want in zip(r["nll"], ref_nll):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_tp_grads_match(cfg, dcfg, ranks, ref_grads)
 
 
 # ----- pipeline parallel: PP=2 vs PP=1 through megatron's schedules ------------------------------------

@@ -36,8 +36,24 @@ def run(tmp_path, data_dir, name, procs, *overrides):
 def test_md4_layouts_match_single_process(tmp_path, data_dir):
     ref = run(tmp_path, data_dir, "single", 1)
     assert_same(run(tmp_path, data_dir, "tp2", 2, "parallel.tensor_parallel=2"), ref)
+    assert_same(run(tmp_path, data_dir, "tp2_sp", 2, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"), ref)
     assert_same(run(tmp_path, data_dir, "dp2_zero1", 2, "parallel.zero_stage=1"), ref)
     assert_same(run(tmp_path, data_dir, "dp2_zero2", 2, "parallel.zero_stage=2"), ref)
+
+    # ZeRO-3, stopped after 2 steps and resumed from its partitioned checkpoint: the same curve; its export
+    # (DeepSpeed's zero_to_fp32 reassembling the partitions) evaluates to the training-time bound
+    z3 = ["run.name=dp2_zero3", "parallel.zero_stage=3", "checkpoint.interval=2"]
+    submit(tmp_path, data_dir, *STEPS, *z3, "optim.train_steps=2", procs=2)
+    assert sorted(curves(tmp_path / "runs" / "dp2_zero3")[0]) == [1, 2]
+    submit(tmp_path, data_dir, *STEPS, *z3, procs=2)
+    train, val = curves(tmp_path / "runs" / "dp2_zero3")
+    assert_same((train, val[-1:]), ref)
+    from test_export_eval import cli, last_json
+    from test_train_e2e import REPO
+
+    cli(REPO / "launcher" / "export.py", tmp_path / "runs" / "dp2_zero3", "--out", tmp_path / "z3_export")
+    res = last_json(cli(REPO / "launcher" / "evaluate.py", tmp_path / "z3_export", "--data", data_dir).stdout)
+    assert res["bits_per_token"] == pytest.approx(val[-1], rel=1e-4)
 
 
 @pytest.mark.slow
@@ -59,10 +75,11 @@ def test_genmd4_trains_its_schedule_data_parallel(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_md4_pipeline_layouts_match_single_process(tmp_path, data_dir):
-    """PP=2 (megatron-core's 1F1B schedule under DeepSpeed ZeRO-1, two micro-batches per step), TP=2 x PP=2 and
-    PP=2 x VPP=2 (interleaved 1F1B over two model chunks per rank: layers 0 and 2 on rank 0, 1 and 3 on rank 1;
-    its held-out bound runs forward-only through the same schedule) against one process with the same weights
-    (CPU initialisation is layout-independent)."""
+    """PP=2 (megatron-core's 1F1B schedule under DeepSpeed ZeRO-1, two micro-batches per step), PP=2 x VPP=2
+    (interleaved 1F1B over two model chunks per rank: layers 0 and 2 on rank 0, 1 and 3 on rank 1; its held-out
+    bound and samples run forward-only through the same schedule) and TP=2 x PP=2 with sequence parallelism
+    (stages exchange [s / TP, b, h]) against one process with the same weights (CPU initialisation is
+    layout-independent). TP=2 x PP=2 without SP: test_export_eval."""
     gas = ["model.num_layers=4", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
     sample = ["logging.sample_at_end=true", "logging.num_samples=3", "sampler.steps=4"]   # 3 rows: not a multiple of PP
     ref = run(tmp_path, data_dir, "single_gas", 1, *gas, *sample)
@@ -72,8 +89,8 @@ def test_md4_pipeline_layouts_match_single_process(tmp_path, data_dir):
     drawn = [json.loads((tmp_path / "runs" / name / "result.json").read_text())["sample"]
              for name in ("single_gas", "pp2_vpp2")]
     assert drawn[0] == drawn[1] and drawn[0]       # the same logits, so the same draws
-    assert_same(run(tmp_path, data_dir, "tp2_pp2", 4, *gas, "parallel.pipeline_parallel=2",
-                    "parallel.tensor_parallel=2"), ref)
+    assert_same(run(tmp_path, data_dir, "tp2_pp2_sp", 4, *gas, "parallel.pipeline_parallel=2",
+                    "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"), ref)
 
 
 @pytest.mark.slow
