@@ -243,8 +243,7 @@ def test_pp2_matches_pp1_through_megatron_schedules():
 
 def _pp2_vpp2_worker(rank, world_size, weights, batches):
     """Interleaved PP: 4 layers on 2 ranks x 2 model chunks, built by build_pipeline_stage (the whole model's
-    CPU initialisation, sliced) and then given the reference weights through global_parameter_name."""
-    from megatron.core import parallel_state as ps
+    CPU initialisation, sliced), compared with the PP=1 weights through global_parameter_name."""
     from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
 
     from model.denoiser import ModelChunks, build_pipeline_stage, global_parameter_name, model_chunks
