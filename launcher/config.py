@@ -99,6 +99,7 @@ class OptimConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    virtual_pipeline: int = 1                      # model chunks per pipeline rank (interleaved 1F1B); 1 = off
     sequence_parallel: bool = False                # megatron's sequence parallelism over the TP group
     zero_stage: int = 1                            # DeepSpeed ZeRO stage: 1, 2 or 3 (3: PP = 1, no EMA)
     precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast where the device supports it
@@ -299,6 +300,7 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
                      ("optim.global_batch_size", o.global_batch_size),
                      ("parallel.tensor_parallel", p.tensor_parallel),
                      ("parallel.pipeline_parallel", p.pipeline_parallel),
+                     ("parallel.virtual_pipeline", p.virtual_pipeline),
                      ("checkpoint.interval", cfg.checkpoint.interval),
                      ("checkpoint.keep_last", cfg.checkpoint.keep_last),
                      ("logging.log_interval", cfg.logging.log_interval),
@@ -343,6 +345,12 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
              f"model.seq_len={m.seq_len} is not divisible by tensor_parallel={p.tensor_parallel}")
     _require(m.num_layers % p.pipeline_parallel == 0, source, "parallel.pipeline_parallel",
              f"model.num_layers={m.num_layers} is not divisible by pipeline_parallel={p.pipeline_parallel}")
+    _require(p.virtual_pipeline == 1 or p.pipeline_parallel > 1, source, "parallel.virtual_pipeline",
+             f"{p.virtual_pipeline} needs parallel.pipeline_parallel > 1 (model chunks are interleaved over the "
+             f"pipeline ranks), got pipeline_parallel={p.pipeline_parallel}")
+    _require(m.num_layers % (p.pipeline_parallel * p.virtual_pipeline) == 0, source, "parallel.virtual_pipeline",
+             f"model.num_layers={m.num_layers} is not divisible by pipeline_parallel x virtual_pipeline = "
+             f"{p.pipeline_parallel} x {p.virtual_pipeline} (every model chunk holds the same number of layers)")
     _require(p.pipeline_parallel == 1 or p.zero_stage == 1, source, "parallel.zero_stage",
              f"{p.zero_stage} with parallel.pipeline_parallel={p.pipeline_parallel}: ZeRO-2 and -3 partition "
              "gradients inside DeepSpeed's backward, which megatron's 1F1B pipeline schedule bypasses; use zero_stage 1")
@@ -380,3 +388,13 @@ def validate_world(cfg: Config, world_size: int, source: str = "<config>") -> No
     _require(o.global_batch_size % (o.micro_batch_size * dp) == 0, source, "optim.global_batch_size",
              f"{o.global_batch_size} is not divisible by micro_batch_size x data_parallel = "
              f"{o.micro_batch_size} x {dp}")
+    if p.virtual_pipeline > 1:
+        # megatron-core 0.16.1's forward_backward_pipelining_with_interleaving runs the micro-batches in groups
+        # of microbatch_group_size_per_vp_stage (= pipeline_parallel) per model chunk: it raises ValueError
+        # unless PP <= M and RuntimeError unless M % PP == 0 (a last group of 0 < M % PP < PP micro-batches)
+        gas = o.global_batch_size // (o.micro_batch_size * dp)
+        _require(gas % p.pipeline_parallel == 0, source, "parallel.virtual_pipeline",
+                 f"{p.virtual_pipeline} (megatron's interleaved schedule) needs the micro-batches per step, "
+                 f"optim.global_batch_size / (optim.micro_batch_size x data_parallel) = {o.global_batch_size} / "
+                 f"({o.micro_batch_size} x {dp}) = {gas}, to be a multiple of parallel.pipeline_parallel="
+                 f"{p.pipeline_parallel}")

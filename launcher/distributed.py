@@ -77,8 +77,9 @@ def export_env_from_launcher() -> str:
 
 
 def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
-                     timeout_minutes: int = 30) -> DistInfo:
-    """Initialise the default process group and megatron's model-parallel groups."""
+                     timeout_minutes: int = 30, virtual_pipeline: int = 1) -> DistInfo:
+    """Initialise the default process group and megatron's model-parallel groups (virtual_pipeline > 1:
+    that many model chunks per pipeline rank, megatron's interleaved schedule)."""
     from megatron.core import parallel_state, tensor_parallel as mtp
 
     from launcher import megatron_cpu
@@ -112,7 +113,9 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
                          f"{tensor_parallel} x {pipeline_parallel}")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                                 pipeline_model_parallel_size=pipeline_parallel)
+                                                 pipeline_model_parallel_size=pipeline_parallel,
+                                                 virtual_pipeline_model_parallel_size=(
+                                                     virtual_pipeline if virtual_pipeline > 1 else None))
     # Same base seed on every rank; megatron offsets the tensor-parallel RNG per TP rank.
     torch.manual_seed(seed)
     mtp.model_parallel_cuda_manual_seed(seed)

@@ -17,7 +17,10 @@ Consolidation (megatron-core local spec, num_query_groups = num_attention_heads)
   row-parallel (dim 1): linear_proj.weight, linear_fc2.weight; their biases are replicated.
   replicated: layer norms, learned positions, Prime's sub-token table, GenMD4's `genmd4_schedule.raw`,
   adaLN's `ada_ln` / `final_ada_ln`.
-  pipeline stages: stage p's decoder.layers.i is global layer p * L / PP + i.
+  pipeline stages: stage p's decoder.layers.i is global layer p * L / PP + i; with interleaved stages
+      (parallel.virtual_pipeline = VPP > 1) the module holds model chunks and chunk c's
+      chunks.c.decoder.layers.i is global layer (c * PP + p) * L / (PP * VPP) + i (megatron's own offsets:
+      model.denoiser.global_parameter_name, which training's CPU initialisation uses too).
   vocabulary padding is stripped: word embeddings keep V + 1 rows (the mask id is V), the output V.
 
 The export directory:
@@ -50,7 +53,6 @@ CONFIG_FILE = "config.json"
 _COLUMN = re.compile(r"(embedding\.word_embeddings\.weight|linear_qkv\.(weight|bias)|linear_fc1\.(weight|bias)"
                      r"|output_layer\.weight)$")
 _ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _SHARD = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?_model_states\.pt$")
 
 
@@ -65,10 +67,6 @@ def partition_dim(name: str) -> int | None:
     if _ROW.search(name):
         return 1
     return None
-
-
-def _renumber(name: str, offset: int) -> str:
-    return _LAYER.sub(lambda m: f"decoder.layers.{int(m[1]) + offset}.", name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +197,11 @@ def _read_zero3(tag_dir: Path, tp_rank: int) -> dict:
 
 
 def consolidate(parts: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int, pp: int,
-                num_layers: int) -> dict[str, torch.Tensor]:
-    """Per-(tp, pp) megatron state dicts -> one TP = PP = 1 state dict (still vocabulary-padded)."""
-    per_stage = num_layers // pp
+                num_layers: int, vpp: int = 1) -> dict[str, torch.Tensor]:
+    """Per-(tp, pp) megatron state dicts (model chunks `chunks.<c>.` under vpp > 1) -> one TP = PP = 1 state
+    dict (still vocabulary-padded)."""
+    from model.denoiser import global_parameter_name
+
     full: dict[str, torch.Tensor] = {}
     for p in range(pp):
         names = list(parts[(0, p)])
@@ -212,7 +212,14 @@ def consolidate(parts: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int, 
             pieces = [parts[(t, p)][name] for t in range(tp)]
             dim = partition_dim(name)
             tensor = pieces[0] if dim is None or tp == 1 else torch.cat(pieces, dim=dim)
-            full[_renumber(name, p * per_stage)] = tensor.detach().cpu().clone()
+            try:
+                gname = global_parameter_name(name, num_layers=num_layers, pipeline_parallel=pp, pp_rank=p,
+                                              virtual_pipeline=vpp)
+            except ValueError as e:
+                raise ExportError(f"pipeline stage {p} (run config: PP={pp}, virtual_pipeline={vpp}): {e}") from None
+            if gname in full:
+                raise ExportError(f"{gname} is held by more than one pipeline stage or model chunk")
+            full[gname] = tensor.detach().cpu().clone()
     return full
 
 
@@ -232,7 +239,7 @@ def checkpoint_weights(path: str | Path, weights: str | None = None, cfg=None):
 
     tag_dir, cfg_path = resolve_checkpoint(path)
     cfg = cfg if cfg is not None else load_config(cfg_path)
-    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+    tp, pp, vpp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline
     shards = read_checkpoint(tag_dir, tp, pp)
     has_ema = all(s["ema"] is not None for s in shards.values())
     if weights is None:
@@ -249,13 +256,14 @@ def checkpoint_weights(path: str | Path, weights: str | None = None, cfg=None):
             parts[key] = {k: s["ema"][k] for k in s["module"]}
         else:
             parts[key] = s["module"]
-    tensors = strip_padding(consolidate(parts, tp, pp, cfg.model.num_layers), cfg.model.vocab_size)
+    tensors = strip_padding(consolidate(parts, tp, pp, cfg.model.num_layers, vpp), cfg.model.vocab_size)
     client = shards[(0, 0)]["client"]
     version = (tag_dir.parent.parent / "code_version.txt")
     meta = {"weights": weights, "step": client.get("step"), "tokens_seen": client.get("tokens_seen"),
             "code_version": version.read_text().strip() if version.is_file() else "unknown",
             "source": {"checkpoint": str(tag_dir.resolve()), "tensor_parallel": tp, "pipeline_parallel": pp,
-                       "zero_stage": cfg.parallel.zero_stage, "deepspeed": client.get("ds_version")}}
+                       "virtual_pipeline": vpp, "zero_stage": cfg.parallel.zero_stage,
+                       "deepspeed": client.get("ds_version")}}
     return cfg, tensors, meta
 
 
@@ -395,10 +403,12 @@ def _load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
 
 def load_into_megatron(model: torch.nn.Module, export_dir: str | Path, cfg) -> dict:
     """Copy an export into this rank's shard of a megatron denoiser (model/denoiser.py), built at any
-    TP/PP: re-pad the vocabulary, slice tensor-parallel tensors, shift layer numbers by the stage's
-    first layer. The export's architecture and diffusion kind must equal the run's. Returns the export's
-    config.json."""
+    TP/PP/VPP (a stage or a ModelChunks): re-pad the vocabulary, slice tensor-parallel tensors, map each
+    parameter to its global name (model.denoiser.global_parameter_name: chunk prefix, layer offset). The
+    export's architecture and diffusion kind must equal the run's. Returns the export's config.json."""
     from megatron.core import parallel_state as ps
+
+    from model.denoiser import current_layout, global_parameter_name
 
     exp_cfg, tensors, doc = read_export(export_dir)
     where = Path(export_dir) / CONFIG_FILE
@@ -418,10 +428,10 @@ def load_into_megatron(model: torch.nn.Module, export_dir: str | Path, cfg) -> d
             raise ExportError(f"{where}: {key} = {x!r} in the export, {y!r} in this run; "
                               "init_from needs the same architecture and diffusion kind")
     tp_rank = ps.get_tensor_model_parallel_rank()
-    offset = ps.get_pipeline_model_parallel_rank() * (cfg.model.num_layers // ps.get_pipeline_model_parallel_world_size())
+    layout = current_layout()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            gname = _renumber(name, offset)
+            gname = global_parameter_name(name, num_layers=cfg.model.num_layers, **layout)
             if gname not in tensors:
                 raise ExportError(f"{Path(export_dir) / WEIGHTS_FILE}: lacks {gname}")
             src = tensors[gname].to(p.dtype)

@@ -262,15 +262,18 @@ def seed_model_parallel(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def init_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234) -> None:
+def init_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
+                        virtual_pipeline: int = 1) -> None:
     """After torch.distributed is initialised: apply the CPU layer (if no CUDA), set up megatron's
-    parallel_state (TP x PP; DP is what is left of the world) and seed. Call once per process."""
+    parallel_state (TP x PP, virtual_pipeline model chunks per pipeline rank; DP is what is left of the world)
+    and seed. Call once per process."""
     from megatron.core import parallel_state
 
     apply()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
+            tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
+            virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None)
     seed_model_parallel(seed)
 
 

@@ -180,7 +180,7 @@ class Trainer:
 
         cfg = self.cfg
         self.info = info = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                                            seed=cfg.run.seed)
+                                            seed=cfg.run.seed, virtual_pipeline=cfg.parallel.virtual_pipeline)
         if not torch.cuda.is_available():
             # one share of the cores per local process: oversubscribed BLAS threads thrash on CPU
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
@@ -192,7 +192,7 @@ class Trainer:
         manifest = check_manifest(data_dir, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
                                   vocab_size=cfg.model.vocab_size, image_shape=cfg.model.image_shape)
         self.image_shape = cfg.model.image_shape or manifest.get("image_shape")
-        model = build_pipeline_stage(cfg.model, diffusion_cfg=cfg.diffusion,
+        model = build_pipeline_stage(cfg.model, diffusion_cfg=cfg.diffusion,   # under VPP: ModelChunks, one module
                                      sequence_parallel=cfg.parallel.sequence_parallel)
         if cfg.checkpoint.init_from:
             # an export (any source layout): each rank slices its TP/PP shard; a resumable checkpoint,
@@ -266,13 +266,16 @@ class Trainer:
         if (tag_dir / "config.yaml").is_file():
             saved = (yaml.safe_load((tag_dir / "config.yaml").read_text()) or {}).get("parallel", {})
         then = (saved.get("tensor_parallel", p.tensor_parallel), saved.get("pipeline_parallel", p.pipeline_parallel),
-                saved.get("zero_stage", p.zero_stage), ranks)
-        now = (p.tensor_parallel, p.pipeline_parallel, p.zero_stage, self.info.world_size)
+                saved.get("virtual_pipeline", 1), saved.get("zero_stage", p.zero_stage), ranks)
+        now = (p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, p.zero_stage, self.info.world_size)
+
+        def layout(tp, pp, vpp, zero, n):
+            return f"TP={tp}, PP={pp}, {f'VPP={vpp}, ' if vpp > 1 else ''}ZeRO-{zero} on {n} ranks"
+
         if then != now:
             raise RuntimeError(
-                f"{tag_dir} was written at TP={then[0]}, PP={then[1]}, ZeRO-{then[2]} on {then[3]} ranks; this job "
-                f"runs TP={now[0]}, PP={now[1]}, ZeRO-{now[2]} on {now[3]} ranks. A checkpoint resumes only at its "
-                f"own layout. To continue at another layout: python launcher/export.py {tag_dir} --out EXPORT, "
+                f"{tag_dir} was written at {layout(*then)}; this job runs {layout(*now)}. A checkpoint resumes only "
+                f"at its own layout. To continue at another layout: python launcher/export.py {tag_dir} --out EXPORT, "
                 "then start a new run with checkpoint.init_from=EXPORT (weights and EMA carry over; the optimizer "
                 "state, step counter and data position start afresh)")
 
@@ -323,30 +326,49 @@ class Trainer:
         return self._pipeline_forward(inputs)
 
     def _schedule(self, microbatches: list, forward_only: bool, loss_func_for=None) -> list:
-        """megatron-core's pipeline schedule (1F1B) over `microbatches` = [(model kwargs, ctx)]."""
-        from megatron.core import parallel_state
+        """megatron-core's pipeline schedule over `microbatches` = [(model kwargs, ctx)]: 1F1B over this rank's
+        stage, or interleaved 1F1B over its model chunks (parallel.virtual_pipeline > 1), each chunk reading
+        the micro-batches from its own iterator (only the first chunk of the first rank uses the inputs, only
+        the last chunk of the last rank the loss)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        module = self.engine.module
-        last = parallel_state.is_pipeline_last_stage()
+        from model.denoiser import model_chunks
+
+        chunks = model_chunks(self.engine.module)
+        dtype = chunks[0].config.pipeline_dtype
 
         def forward_step(data_iterator, model):
             inputs, ctx = next(data_iterator)
             with autocast_ctx(self.cfg, self.info.device):
                 out = model(**inputs)
-            if not last:   # what travels to the next stage has the schedule's dtype
-                out = out.to(module.config.pipeline_dtype)
+            if not model.post_process:   # what travels to the next stage or chunk has the schedule's dtype
+                out = out.to(dtype)
             return out, (loss_func_for(ctx) if loss_func_for is not None else None)
 
         b, s = next(iter(microbatches[0][0].values())).shape[:2]
         return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[module],
+            forward_step_func=forward_step, model=chunks,
+            data_iterator=iter(microbatches) if len(chunks) == 1 else [iter(microbatches) for _ in chunks],
             num_microbatches=len(microbatches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
 
     def _pipeline_forward(self, inputs: dict) -> torch.Tensor:
+        """Forward-only through the pipeline; the last stage's output, broadcast to every pipeline rank. Under
+        interleaved PP megatron's schedule takes a multiple of PP micro-batches (validate_world): the rows are
+        split into PP equal micro-batches (the last row repeated to fill them; the copies are dropped again),
+        which gives the same rows as one micro-batch, every row's forward being independent of the others."""
         from megatron.core import parallel_state
 
-        outs = self._schedule([(inputs, None)], forward_only=True)
+        if self.cfg.parallel.virtual_pipeline > 1:
+            pp = self.info.pp_size
+            rows = next(iter(inputs.values())).shape[0]
+            per = -(-rows // pp)
+            fill = per * pp - rows
+            padded = {k: torch.cat([v, v[-1:].expand(fill, *v.shape[1:])]) if fill else v for k, v in inputs.items()}
+            outs = self._schedule([({k: v[i * per:(i + 1) * per] for k, v in padded.items()}, None) for i in range(pp)],
+                                  forward_only=True)
+            outs = [torch.cat(outs)[:rows]] if outs else outs
+        else:
+            outs = self._schedule([(inputs, None)], forward_only=True)
         group = parallel_state.get_pipeline_model_parallel_group()
         src = parallel_state.get_pipeline_model_parallel_last_rank()
         if parallel_state.is_pipeline_last_stage():
@@ -504,6 +526,7 @@ class Trainer:
         tokens_per_step = cfg.optim.global_batch_size * cfg.model.seq_len
         t_last, steps_since = time.time(), 0
         self.log(f"training {cfg.run.name}: world={info.world_size} (tp={info.tp_size} pp={info.pp_size} "
+                 f"{f'vpp={cfg.parallel.virtual_pipeline} ' if cfg.parallel.virtual_pipeline > 1 else ''}"
                  f"dp={info.dp_size}), zero={cfg.parallel.zero_stage}, precision={cfg.parallel.precision}, "
                  f"grad accumulation={self.gas}, device={info.device}")
         from model.denoiser import kernel_report, resolve_attention

@@ -19,13 +19,18 @@ the ELBO is per dimension and bits/dim need no correction.
 
 Pipeline parallelism: a stage built with pre_process=False takes its input from `set_input_tensor` (megatron's
 schedules call it) and ignores input_ids; a stage with post_process=False returns hidden states [s, b, h].
+Interleaved (virtual) pipeline stages: each pipeline rank holds several model chunks (vp_stage 0, 1, ...),
+wrapped for DeepSpeed in one `ModelChunks`; `global_parameter_name` maps any rank's parameter names to the
+whole model's.
 
 The denoiser knows nothing about which diffusion it serves (model/diffusion/ holds the math).
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import re
 from typing import Optional
 
 import torch
@@ -45,7 +50,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
                                                          get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 from megatron.core.utils import get_pg_rank
 
 from model.adaln import TIME_FEATURES, modulate, timestep_features, zero_linear
@@ -227,7 +232,7 @@ class MaskedDiffusionTransformer(MegatronModule):
                  make_vocab_size_divisible_by: int = 128, pre_process: bool = True,
                  post_process: bool = True, prime_l: int = 0, genmd4: Optional[tuple[float, float]] = None,
                  attention: str = "sdpa", image_shape: Optional[tuple[int, int, int]] = None,
-                 time_conditioning: str = "none"):
+                 time_conditioning: str = "none", vp_stage: Optional[int] = None):
         super().__init__(config=config)
         if position_embedding not in ("rope", "learned"):
             raise ValueError(f"position_embedding must be 'rope' or 'learned', got {position_embedding!r}")
@@ -244,6 +249,7 @@ class MaskedDiffusionTransformer(MegatronModule):
         self.position_embedding = position_embedding
         self.pre_process = pre_process
         self.post_process = post_process
+        self.vp_stage = vp_stage       # model chunk index under interleaved PP (read by megatron's schedules)
         pgs = ProcessGroupCollection.use_mpu_process_groups()   # megatron's parallel_state groups
 
         self.prime_l = prime_l
@@ -271,10 +277,10 @@ class MaskedDiffusionTransformer(MegatronModule):
                 rotary_interleaved=config.rotary_interleaved,
                 use_cpu_initialization=config.use_cpu_initialization, cp_group=pgs.cp)
         self.time_conditioning = time_conditioning
-        block = bidirectional_block_spec(config, attention, pp_rank=get_pg_rank(pgs.pp),
+        block = bidirectional_block_spec(config, attention, pp_rank=get_pg_rank(pgs.pp), vp_stage=vp_stage,
                                          time_conditioning=time_conditioning)
         self.decoder = TransformerBlock(config=config, spec=block, pre_process=pre_process,
-                                        post_process=post_process, pg_collection=pgs)
+                                        post_process=post_process, pg_collection=pgs, vp_stage=vp_stage)
         if post_process:
             # the output layer sees the whole sequence even under sequence parallelism: `forward` gathers
             # the final hidden states first, so that the loss mask can select positions before the
@@ -412,6 +418,24 @@ def _recompute_kwargs(recompute: str) -> dict:
     raise ValueError(f"model.recompute={recompute!r}: use none, selective or full")
 
 
+def _virtual_pipeline_kwargs(vpp: Optional[int]) -> dict:
+    """TransformerConfig fields of interleaved PP (virtual_pipeline_model_parallel_size: TransformerBlock builds a
+    chunk's layers at megatron's offset for its vp_stage; the interleaved schedule reads it too).
+    microbatch_group_size_per_vp_stage stays megatron's default, PP (launcher.config.validate_world checks the
+    number of micro-batches against it).
+
+    batch_p2p_comm=False (megatron's _p2p_ops; megatron-based trainers turn batching off under VPP too):
+    the interleaved schedule sends an activation to the next rank and a gradient to the previous one in the
+    same call, and at PP=2 both are the same peer. _batched_p2p_ops posts them as [send_prev, recv_prev,
+    send_next, recv_next] on one group, so the peer's recv_prev is matched with the gradient and its recv_next
+    with the activation (same shape, no error: the PP=2 x VPP=2 losses came out wrong in
+    tests/test_denoiser.py); _p2p_ops orders them by rank parity and puts the two directions on different
+    groups at PP=2."""
+    if vpp is None:
+        return {}
+    return {"virtual_pipeline_model_parallel_size": vpp, "batch_p2p_comm": False}
+
+
 def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32, whole_model: bool = False,
                        sequence_parallel: bool = False) -> TransformerConfig:
     """megatron TransformerConfig from our ModelConfig; TP/PP sizes come from megatron's parallel_state
@@ -421,6 +445,7 @@ def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32, 
         raise ValueError("sequence parallelism needs tensor parallelism (TP > 1)")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = 1 if whole_model else parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = None if whole_model else parallel_state.get_virtual_pipeline_model_parallel_world_size()
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -432,6 +457,7 @@ def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32, 
         tensor_model_parallel_size=tp,
         sequence_parallel=sequence_parallel,
         pipeline_model_parallel_size=pp,
+        **_virtual_pipeline_kwargs(vpp),
         pipeline_dtype=params_dtype,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -443,11 +469,12 @@ def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32, 
 
 def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_process: bool = True,
                    post_process: bool = True, diffusion_cfg=None, whole_model: bool = False,
-                   sequence_parallel: bool = False) -> MaskedDiffusionTransformer:
+                   sequence_parallel: bool = False, vp_stage: Optional[int] = None) -> MaskedDiffusionTransformer:
     """The denoiser for `model_cfg` (launcher.config.ModelConfig), one pipeline stage of it under PP.
 
     Needs megatron's parallel_state initialised (launcher.megatron_cpu.init_model_parallel). For PP pass
-    pre_process=parallel_state.is_pipeline_first_stage(), post_process=...is_pipeline_last_stage().
+    pre_process=parallel_state.is_pipeline_first_stage(), post_process=...is_pipeline_last_stage(); under
+    interleaved PP one call per model chunk (vp_stage; see build_pipeline_stage).
     diffusion_cfg (launcher.config.DiffusionConfig) selects Prime's sub-token input (kind prime) or
     GenMD4's learned schedule w (kind genmd4); None or md4: the token denoiser. sequence_parallel
     (TP > 1): megatron's sequence parallelism, the TP gradient sums of `sequence_parallel` parameters
@@ -464,50 +491,130 @@ def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_
         genmd4=(diffusion_cfg.eps, diffusion_cfg.genmd4_t1) if kind == "genmd4" else None,
         attention=resolve_attention(getattr(model_cfg, "attention", "auto")),
         image_shape=getattr(model_cfg, "image_shape", None),
-        time_conditioning=model_cfg.time_conditioning)
+        time_conditioning=model_cfg.time_conditioning, vp_stage=vp_stage)
     if sequence_parallel:
         sum_sequence_parallel_grads(model)
     return model
 
 
+class ModelChunks(torch.nn.Module):
+    """The model chunks (virtual pipeline stages) of one pipeline rank as one module, so that DeepSpeed's one
+    engine (ZeRO, gradient clipping, checkpoints) and the EMA see every chunk's parameters. Parameter names are
+    `chunks.<vp_stage>.<the chunk's own name>`. megatron's interleaved schedule runs the chunks themselves
+    (`model_chunks(module)`); this container has no forward of its own."""
+
+    def __init__(self, chunks: list[MaskedDiffusionTransformer]):
+        super().__init__()
+        self.chunks = torch.nn.ModuleList(chunks)
+
+    @property
+    def config(self) -> TransformerConfig:
+        return self.chunks[0].config
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("ModelChunks has no forward of its own: megatron's interleaved pipeline schedule runs "
+                           "each of model_chunks(module)")
+
+
+def model_chunks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The list of model chunks megatron's schedules take: [module] for one stage, the chunks of a ModelChunks."""
+    return list(module.chunks) if isinstance(module, ModelChunks) else [module]
+
+
 def build_pipeline_stage(model_cfg, *, diffusion_cfg=None, params_dtype: torch.dtype = torch.float32,
-                         sequence_parallel: bool = False) -> MaskedDiffusionTransformer:
-    """This rank's pipeline stage of the denoiser (megatron's parallel_state says which).
+                         sequence_parallel: bool = False) -> torch.nn.Module:
+    """This rank's part of the denoiser (megatron's parallel_state says which): the whole model at PP=1, its
+    pipeline stage under PP, and under interleaved PP (virtual pipeline size VPP) a `ModelChunks` of VPP chunks,
+    chunk c holding the layers megatron assigns it ((c * PP + p) * L / (PP * VPP) ... on pipeline rank p; the
+    embedding only on chunk 0 of rank 0, the output layer only on the last chunk of the last rank).
 
     On CPU (megatron's `use_cpu_initialization`) the initial weights do not depend on the layout: the
-    full model is drawn with the same generator as at PP=1 and the stage keeps its slice of it (layer i
-    of stage p is layer p * L / PP + i of the full model), so every layout starts from the same
-    weights. The generator is left where the PP=1 build leaves it."""
-    first = parallel_state.is_pipeline_first_stage()
-    last = parallel_state.is_pipeline_last_stage()
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+    full model is drawn with the same generator as at PP=1 and each stage or chunk keeps its slice of it
+    (`global_parameter_name`), so every layout starts from the same weights. The generator is left where the
+    PP=1 build leaves it."""
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp == 1:
         return build_denoiser(model_cfg, params_dtype=params_dtype, diffusion_cfg=diffusion_cfg,
                               sequence_parallel=sequence_parallel)
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+
+    def build_chunks() -> list[MaskedDiffusionTransformer]:
+        return [build_denoiser(model_cfg, params_dtype=params_dtype, diffusion_cfg=diffusion_cfg, vp_stage=vp,
+                               sequence_parallel=sequence_parallel,
+                               pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                               post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp))
+                for vp in ([None] if vpp is None else range(vpp))]
+
     if torch.cuda.is_available():   # GPU initialisation is per rank (megatron's RNG tracker) anyway
-        return build_denoiser(model_cfg, params_dtype=params_dtype, pre_process=first, post_process=last,
-                              diffusion_cfg=diffusion_cfg, sequence_parallel=sequence_parallel)
+        chunks = build_chunks()
+        return chunks[0] if vpp is None else ModelChunks(chunks)
     full = build_denoiser(model_cfg, params_dtype=params_dtype, diffusion_cfg=diffusion_cfg,
                           whole_model=True).state_dict()
     after_full = torch.get_rng_state()
-    stage = build_denoiser(model_cfg, params_dtype=params_dtype, pre_process=first, post_process=last,
-                           diffusion_cfg=diffusion_cfg, sequence_parallel=sequence_parallel)
+    chunks = build_chunks()
     torch.set_rng_state(after_full)
-    offset = parallel_state.get_pipeline_model_parallel_rank() * (
-        model_cfg.num_layers // parallel_state.get_pipeline_model_parallel_world_size())
-    stage.load_state_dict(stage_state_dict(full, stage.state_dict().keys(), offset))
+    stage = chunks[0] if vpp is None else ModelChunks(chunks)
+    stage.load_state_dict(stage_state_dict(full, stage.state_dict().keys(), model_cfg.num_layers))
     return stage
 
 
-def stage_state_dict(full: dict, stage_keys, layer_offset: int) -> dict:
-    """The entries of a full (PP=1) state dict that one pipeline stage holds, under the stage's names
-    (its local layer i is the full model's layer layer_offset + i)."""
+def stage_state_dict(full: dict, stage_keys, num_layers: int) -> dict:
+    """The entries of a full (PP=1) state dict that this rank's stage or ModelChunks holds, under its own names
+    (megatron's parallel_state gives the layout; `global_parameter_name` the mapping)."""
+    layout = current_layout()
     out = {}
     for key in stage_keys:
-        parts = key.split(".")
-        if key.startswith("decoder.layers."):
-            parts[2] = str(int(parts[2]) + layer_offset)
-        src = ".".join(parts)
+        src = global_parameter_name(key, num_layers=num_layers, **layout)
         if src not in full:
             raise KeyError(f"{src} (stage parameter {key}) is not in the full state dict")
         out[key] = full[src]
     return out
+
+
+# ----- where a pipeline rank's parameters sit in the whole model ------------------------------------------
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_CHUNK = re.compile(r"^chunks\.(\d+)\.")
+
+
+def current_layout() -> dict:
+    """This rank's (pipeline_parallel, virtual_pipeline, pp_rank) from megatron's parallel_state, as the keyword
+    arguments of `global_parameter_name`."""
+    return {"pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+            "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+            "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
+
+
+@functools.lru_cache(maxsize=None)
+def layer_offset(num_layers: int, pipeline_parallel: int, virtual_pipeline: int, pp_rank: int,
+                 vp_stage: int = 0) -> int:
+    """Global index of the first decoder layer of pipeline rank `pp_rank`'s stage (chunk `vp_stage` under
+    interleaved PP), as megatron-core places it (transformer_layer.get_transformer_layer_offset, the offset
+    TransformerBlock builds its layers at): p * L / PP without virtual stages, (c * PP + p) * L / (PP * VPP)
+    with them."""
+    if pipeline_parallel == 1:
+        return 0
+    vpp = virtual_pipeline if virtual_pipeline > 1 else None
+    layout = TransformerConfig(num_layers=num_layers, hidden_size=1, num_attention_heads=1,
+                               pipeline_model_parallel_size=pipeline_parallel, pipeline_dtype=torch.float32,
+                               virtual_pipeline_model_parallel_size=vpp)
+    return get_transformer_layer_offset(layout, vp_stage=vp_stage if vpp else None, pp_rank=pp_rank)
+
+
+def global_parameter_name(name: str, *, num_layers: int, pipeline_parallel: int, pp_rank: int,
+                          virtual_pipeline: int = 1) -> str:
+    """A parameter (state-dict) name of pipeline rank `pp_rank`'s module -> its name in the whole TP=1, PP=1
+    model: the ModelChunks prefix `chunks.<c>.` (present exactly when virtual_pipeline > 1) is dropped and
+    `decoder.layers.<i>.` becomes the global layer number (layer_offset). Tensor-parallel shards keep
+    their names."""
+    m = _CHUNK.match(name)
+    if (m is not None) != (virtual_pipeline > 1):
+        raise ValueError(f"{name}: " + (f"a model chunk's parameter, but virtual_pipeline={virtual_pipeline}" if m
+                                        else f"no 'chunks.<c>.' prefix under virtual_pipeline={virtual_pipeline}"))
+    vp_stage = 0
+    if m is not None:
+        vp_stage, name = int(m[1]), name[m.end():]
+        if vp_stage >= virtual_pipeline:
+            raise ValueError(f"chunks.{vp_stage}.{name}: chunk {vp_stage} of virtual_pipeline={virtual_pipeline}")
+    offset = layer_offset(num_layers, pipeline_parallel, virtual_pipeline, pp_rank, vp_stage)
+    return _LAYER.sub(lambda k: f"decoder.layers.{int(k[1]) + offset}.", name)

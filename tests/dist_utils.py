@@ -43,11 +43,12 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = ()) -> list[Any
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
-def run_schedule(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+def run_schedule(model: torch.nn.Module | list[torch.nn.Module], batches: list[tuple[torch.Tensor, torch.Tensor]],
                  forward_only: bool = False) -> list[torch.Tensor]:
     """One megatron forward_backward_func call (the schedule parallel_state implies: no pipelining at PP=1,
-    1F1B at PP>1) over microbatches (input_ids, labels) of a denoiser; loss = mean per-token NLL per
-    microbatch. Returns the per-microbatch losses (on the last pipeline stage; [] elsewhere)."""
+    1F1B at PP>1, interleaved 1F1B over a list of model chunks under a virtual pipeline size) over microbatches
+    (input_ids, labels) of a denoiser; loss = mean per-token NLL per microbatch. Returns the per-microbatch
+    losses (on the last pipeline stage; [] elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator, model):
@@ -59,8 +60,10 @@ def run_schedule(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch
             return loss, {"loss": loss.detach().clone()}
         return output, loss_func
 
+    chunks = model if isinstance(model, list) else [model]
     b, s = batches[0][0].shape
     out = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        forward_step_func=forward_step, model=chunks,
+        data_iterator=iter(batches) if len(chunks) == 1 else [iter(batches) for _ in chunks],
         num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
     return [d["loss"] for d in out]

@@ -84,6 +84,10 @@ def test_bad_override_names_the_key(tmp_path):
     ({"parallel": {"pipeline_parallel": 2}, "model": {"num_layers": 3}}, "parallel.pipeline_parallel"),
     ({"parallel": {"pipeline_parallel": 2, "zero_stage": 2}, "model": {"num_layers": 4}}, "parallel.zero_stage"),
     ({"diffusion": {"kind": "genmd4"}, "parallel": {"pipeline_parallel": 2}}, "diffusion.kind"),
+    ({"parallel": {"virtual_pipeline": 0}}, "parallel.virtual_pipeline"),
+    ({"parallel": {"virtual_pipeline": 2}, "model": {"num_layers": 4}}, "parallel.virtual_pipeline"),
+    ({"parallel": {"pipeline_parallel": 2, "virtual_pipeline": 2}, "model": {"num_layers": 6}},
+     "parallel.virtual_pipeline"),
     ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel"),   # TP = 1
     ({"parallel": {"sequence_parallel": True, "tensor_parallel": 4}, "model": {"num_attention_heads": 4, "seq_len": 30}},
      "parallel.sequence_parallel"),
@@ -105,6 +109,39 @@ def test_world_size_must_fit_the_layout():
         validate_world(cfg, 3)
     with pytest.raises(ConfigError, match="global_batch_size"):
         validate_world(cfg, 8)   # dp=4: 8 % (4*4) != 0
+
+
+def test_virtual_pipeline_layout_is_checked_with_the_values():
+    with pytest.raises(ConfigError, match=r"parallel.virtual_pipeline: 2 needs parallel.pipeline_parallel > 1"):
+        config_from_dict({"parallel": {"virtual_pipeline": 2}, "model": {"num_layers": 4}})
+    with pytest.raises(ConfigError, match=r"model.num_layers=6 is not divisible by pipeline_parallel x "
+                                          r"virtual_pipeline = 2 x 2"):
+        config_from_dict({"parallel": {"pipeline_parallel": 2, "virtual_pipeline": 2}, "model": {"num_layers": 6}})
+    cfg = config_from_dict({"parallel": {"pipeline_parallel": 2, "virtual_pipeline": 2}, "model": {"num_layers": 8}})
+    assert cfg.parallel.virtual_pipeline == 2 and config_from_dict({}).parallel.virtual_pipeline == 1
+
+
+@pytest.mark.parametrize("world,micro,global_batch,ok", [
+    (2, 4, 8, True),      # PP=2, DP=1: 2 micro-batches per step
+    (2, 4, 16, True),     # 4
+    (2, 4, 4, False),     # 1 < PP: megatron's interleaved schedule raises ValueError
+    (2, 4, 12, False),    # 3: a last group of 1 < PP micro-batches, RuntimeError in megatron
+    (4, 4, 16, True),     # DP=2: 2 per data-parallel rank
+    (4, 4, 8, False),     # DP=2: 1 per rank
+])
+def test_virtual_pipeline_needs_micro_batches_in_multiples_of_the_pipeline_size(world, micro, global_batch, ok):
+    cfg = config_from_dict({"parallel": {"pipeline_parallel": 2, "virtual_pipeline": 2}, "model": {"num_layers": 4},
+                            "optim": {"micro_batch_size": micro, "global_batch_size": global_batch}})
+    if ok:
+        validate_world(cfg, world)
+        return
+    with pytest.raises(ConfigError) as e:
+        validate_world(cfg, world)
+    gas = global_batch // (micro * (world // 2))
+    assert "parallel.virtual_pipeline" in str(e.value)
+    assert f"= {gas}, to be a multiple of parallel.pipeline_parallel=2" in str(e.value)
+    cfg.parallel.virtual_pipeline = 1      # the 1F1B schedule takes any number of micro-batches
+    validate_world(cfg, world)
 
 
 def test_submit_rejects_bad_config_before_launching(tmp_path):

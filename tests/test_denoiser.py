@@ -249,6 +249,57 @@ def test_pp2_matches_pp1_through_megatron_schedules():
         torch.testing.assert_close(stage_grads[name], want, atol=1e-6, rtol=1e-5, msg=f"gradient of {name}")
 
 
+def _pp2_vpp2_worker(rank, world_size, weights, batches):
+    """Interleaved PP: 4 layers on 2 ranks x 2 model chunks, built by build_pipeline_stage (the whole model's
+    CPU initialisation, sliced), compared with the PP=1 weights through global_parameter_name."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
+
+    from model.denoiser import ModelChunks, build_pipeline_stage, global_parameter_name, model_chunks
+
+    init_model_parallel(tensor_parallel=1, pipeline_parallel=2, seed=1234, virtual_pipeline=2)
+    assert get_forward_backward_func() is schedules.forward_backward_pipelining_with_interleaving
+    cfg = tiny_config(num_layers=4)
+    torch.manual_seed(7)
+    stage = build_pipeline_stage(cfg)
+    assert isinstance(stage, ModelChunks)
+    layout = dict(num_layers=4, pipeline_parallel=2, virtual_pipeline=2, pp_rank=rank)
+    to_global = {n: global_parameter_name(n, **layout) for n, _ in stage.named_parameters()}
+    init_equal = all(torch.equal(p, weights[to_global[n]]) for n, p in stage.named_parameters())
+    chunks = model_chunks(stage)
+    facts = {"pre": [c.pre_process for c in chunks], "post": [c.post_process for c in chunks],
+             "layers": [[layer.layer_number for layer in c.decoder.layers] for c in chunks],
+             "init_equal": init_equal}
+    losses = run_schedule(chunks, batches)
+    grads = {to_global[n]: p.grad.detach().clone() for n, p in stage.named_parameters()}
+    return {"losses": losses, "grads": grads, **facts}
+
+
+@gloo_only
+def test_interleaved_pp2_vpp2_matches_pp1_through_megatron_schedules():
+    """Chunk c of pipeline rank p holds global layers (c * 2 + p) (megatron's interleaved assignment), starts
+    from the PP=1 model's CPU initialisation, and the interleaved 1F1B schedule gives the PP=1 losses and
+    gradients."""
+    cfg = tiny_config(num_layers=4)
+    batches = [batch(20), batch(21), batch(22), batch(23)]      # a multiple of PP micro-batches
+    torch.manual_seed(7)
+    model = build_denoiser(cfg)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_losses = run_schedule(model, batches)
+    ref_grads = grads_by_name(model)
+
+    ranks = run_distributed(_pp2_vpp2_worker, world_size=2, args=(weights, batches))
+    assert [r["pre"] for r in ranks] == [[True, False], [False, False]]
+    assert [r["post"] for r in ranks] == [[False, False], [False, True]]
+    assert [r["layers"] for r in ranks] == [[[1], [3]], [[2], [4]]]     # megatron's 1-based global numbers
+    assert all(r["init_equal"] for r in ranks)                          # the same weights as at PP=1
+    assert ranks[0]["losses"] == []
+    torch.testing.assert_close(torch.stack(ranks[1]["losses"]), torch.stack(ref_losses), atol=1e-6, rtol=0)
+    grads = {**ranks[0]["grads"], **ranks[1]["grads"]}
+    assert grads.keys() == ref_grads.keys()
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(grads[name], want, atol=1e-6, rtol=1e-5, msg=f"gradient of {name}")
+
+
 def test_loss_mask_computes_the_same_nll_and_gradients_at_masked_positions():
     torch.manual_seed(0)
     cfg = tiny_config(zero_init_output=False)

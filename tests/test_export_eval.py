@@ -152,10 +152,11 @@ def test_sample_cli_prints_text_and_network_calls(tp2_run):
     assert all(len(t) == 48 for t in rec["tokens"])
 
 
-def test_pipeline_stages_and_tensor_shards_consolidate(tmp_path):
-    """Synthetic TP=2 x PP=2 model-states files (stage-local layer numbers, padded vocab shards, megatron's file
-    naming mp_rank_TT_PPP) consolidate to the unsharded, unpadded weights. (Training refuses PP > 1 today, so
-    no real PP checkpoint exists to export.)"""
+@pytest.mark.parametrize("VPP", [1, 2])
+def test_pipeline_stages_and_tensor_shards_consolidate(tmp_path, VPP):
+    """Synthetic TP=2 x PP=2 (x VPP=2: model chunks `chunks.<c>.`, chunk c of stage p holding layer c * PP + p)
+    model-states files (stage-local layer numbers, padded vocab shards, megatron's file naming mp_rank_TT_PPP)
+    consolidate to the unsharded, unpadded weights."""
     import hashlib
     import re
 
@@ -171,19 +172,27 @@ def test_pipeline_stages_and_tensor_shards_consolidate(tmp_path):
     tag = tmp_path / "run" / "checkpoints" / "step_00000001"
     tag.mkdir(parents=True)
     save_config(cfg, tmp_path / "run" / "config.yaml")
-    cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel = TP, PP
-    per_stage = L // PP
+    cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline = TP, PP, VPP
+    per_chunk = L // (PP * VPP)
     for p in range(PP):
         for t in range(TP):
             module = {}
             for name, w in full.items():
                 m = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
-                if m and int(m[1]) // per_stage != p:
+                chunk, stage = divmod(int(m[1]) // per_chunk, PP) if m else (None, None)   # virtual stage c * PP + p
+                if m and stage != p:
                     continue
-                if (name.startswith("embedding") and p != 0) or (
-                        name.startswith(("output_layer", "decoder.final")) and p != PP - 1):
-                    continue
-                local = f"decoder.layers.{int(m[1]) - p * per_stage}.{m[2]}" if m else name
+                if name.startswith("embedding"):
+                    chunk = 0
+                    if p != 0:
+                        continue
+                if name.startswith(("output_layer", "decoder.final")):
+                    chunk = VPP - 1
+                    if p != PP - 1:
+                        continue
+                local = f"decoder.layers.{int(m[1]) - (chunk * PP + p) * per_chunk}.{m[2]}" if m else name
+                if VPP > 1:
+                    local = f"chunks.{chunk}.{local}"
                 if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                     w = torch.cat([w, torch.randn(PAD - w.shape[0], w.shape[1])])   # padding rows
                 d = partition_dim(name)
@@ -195,32 +204,82 @@ def test_pipeline_stages_and_tensor_shards_consolidate(tmp_path):
     (tag / "COMPLETE.json").write_text(json.dumps({"step": 1, "files": files}))
     _, tensors, meta = checkpoint_weights(tag, cfg=cfg)
     assert meta["weights"] == "raw" and meta["source"]["pipeline_parallel"] == PP and set(tensors) == set(full)
+    assert meta["source"]["virtual_pipeline"] == VPP
     for k in full:
         torch.testing.assert_close(tensors[k], full[k], rtol=0, atol=0, msg=k)
 
 
+PIPELINE_LAYOUTS = {
+    "tp2pp2": ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"],
+    "pp2vpp2": ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"],
+}
+
+
 @pytest.mark.slow
-def test_tp2_pp2_checkpoint_exports_evaluates_and_loads_at_tp1_pp1(tmp_path, data_dir):  # noqa: F811
-    """A checkpoint saved at TP=2 x PP=2 (4 processes, megatron 1F1B + ZeRO-1) loads at TP=1, PP=1 through
-    its export and gives the training-time held-out bound, single-process and after init_from."""
-    layout = ["optim.train_steps=2", "parallel.precision=fp32", "model.num_layers=2", "logging.eval_batches=0",
-              "optim.micro_batch_size=4", "optim.global_batch_size=8", "checkpoint.interval=2"]
-    submit(tmp_path, data_dir, "run.name=tp2pp2", *layout, "parallel.tensor_parallel=2",
-           "parallel.pipeline_parallel=2", procs=4)
-    run = tmp_path / "runs" / "tp2pp2"
+@pytest.mark.parametrize("source,procs,target,target_procs", [
+    ("tp2pp2", 4, "pp2vpp2", 2),     # export -> init_from into interleaved stages (model chunks)
+    ("pp2vpp2", 2, None, 1),         # interleaved stages' checkpoint -> export -> TP=1, PP=1
+], ids=["tp2pp2_to_pp2vpp2", "pp2vpp2_to_tp1pp1"])
+def test_pipeline_checkpoint_exports_evaluates_and_loads_at_another_layout(tmp_path, data_dir, source, procs,
+                                                                           target, target_procs):  # noqa: F811
+    """A checkpoint saved at TP=2 x PP=2 (4 processes, megatron 1F1B + ZeRO-1) or at PP=2 x VPP=2 (interleaved
+    1F1B over two model chunks per rank) exports to the TP=1, PP=1 names, evaluates single-process to the
+    training-time held-out bound, and loads through checkpoint.init_from into another layout (PP=2 x VPP=2, or
+    TP=1, PP=1) with the same bound."""
+    layout = ["optim.train_steps=2", "parallel.precision=fp32", "model.num_layers=4", "logging.eval_batches=0",
+              "optim.micro_batch_size=4", "optim.global_batch_size=8", "checkpoint.interval=2", "optim.ema_decay=0.9"]
+    submit(tmp_path, data_dir, f"run.name={source}", *layout, *PIPELINE_LAYOUTS[source], procs=procs)
+    run = tmp_path / "runs" / source
     want = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val_bits_per_token" in l][-1]
     export = tmp_path / "export"
     cli(REPO / "launcher" / "export.py", run, "--out", export)
     doc = json.loads((export / "config.json").read_text())
-    assert doc["source"]["tensor_parallel"] == 2 and doc["source"]["pipeline_parallel"] == 2
+    assert doc["weights"] == "ema"       # the bound was evaluated with the EMA of every stage's (chunk's) weights
+    assert [doc["source"][k] for k in ("tensor_parallel", "pipeline_parallel", "virtual_pipeline")] == \
+        ([2, 2, 1] if source == "tp2pp2" else [1, 2, 2])
     res = last_json(cli(REPO / "launcher" / "evaluate.py", export, "--data", data_dir, "--no-progress").stdout)
     assert res["bits_per_token"] == pytest.approx(want["val_bits_per_token"], rel=1e-4)
-    submit(tmp_path, data_dir, "run.name=back_tp1", "optim.train_steps=1", "parallel.precision=fp32",
-           "model.num_layers=2", "logging.eval_batches=0", "optim.lr=1e-12", "optim.warmup_steps=0",
-           f"checkpoint.init_from={export}", procs=1)
-    val = [json.loads(l) for l in (tmp_path / "runs" / "back_tp1" / "metrics.jsonl").read_text().splitlines()
-           if "val_bits_per_token" in l][-1]
+    submit(tmp_path, data_dir, "run.name=back", "optim.train_steps=1", "parallel.precision=fp32",
+           "model.num_layers=4", "logging.eval_batches=0", "optim.lr=1e-12", "optim.warmup_steps=0",
+           f"checkpoint.init_from={export}", *PIPELINE_LAYOUTS.get(target, []), procs=target_procs)
+    back = tmp_path / "runs" / "back"
+    val = [json.loads(l) for l in (back / "metrics.jsonl").read_text().splitlines() if "val_bits_per_token" in l][-1]
     assert val["val_bits_per_token"] == pytest.approx(want["val_bits_per_token"], rel=1e-4)
+    assert "initialised from" in "".join(p.read_text() for p in (back / "submitit").glob("*_0_log.out"))
+
+
+def test_resuming_at_another_virtual_pipeline_size_is_refused_with_the_way_to_do_it(tmp_path):
+    """The virtual pipeline size is part of a checkpoint's layout (its parameter names hold the chunk index)."""
+    import yaml
+
+    from launcher.config import config_from_dict
+    from launcher.distributed import DistInfo
+    from launcher.train import Trainer
+
+    tag = tmp_path / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    for r in range(2):
+        (tag / f"extra_rank{r}.pt").write_bytes(b"")
+    saved = {"tensor_parallel": 1, "pipeline_parallel": 2, "virtual_pipeline": 2, "zero_stage": 1}
+    (tag / "config.yaml").write_text(yaml.safe_dump({"parallel": saved}))
+    info = DistInfo(rank=0, world_size=2, local_rank=0, tp_rank=0, pp_rank=0, dp_rank=0, tp_size=1, pp_size=2,
+                    dp_size=1, device=torch.device("cpu"))
+
+    def trainer(**parallel):
+        t = Trainer(config_from_dict({"parallel": parallel, "model": {"num_layers": 4}}), tmp_path)
+        t.info = info
+        return t
+
+    trainer(pipeline_parallel=2, virtual_pipeline=2)._check_layout(tag)      # the same layout resumes
+    with pytest.raises(RuntimeError) as e:
+        trainer(pipeline_parallel=2)._check_layout(tag)
+    assert "was written at TP=1, PP=2, VPP=2, ZeRO-1 on 2 ranks; this job runs TP=1, PP=2, ZeRO-1 on 2 ranks" \
+        in str(e.value) and "checkpoint.init_from=EXPORT" in str(e.value)
+    del saved["virtual_pipeline"]                                            # written before the key existed
+    (tag / "config.yaml").write_text(yaml.safe_dump({"parallel": saved}))
+    trainer(pipeline_parallel=2)._check_layout(tag)
+    with pytest.raises(RuntimeError, match="this job runs TP=1, PP=2, VPP=2, ZeRO-1 on 2 ranks"):
+        trainer(pipeline_parallel=2, virtual_pipeline=2)._check_layout(tag)
 
 
 def test_resuming_at_another_layout_is_refused_with_the_way_to_do_it(tp2_run, tmp_path, data_dir):  # noqa: F811

@@ -75,12 +75,20 @@ def test_genmd4_trains_its_schedule_data_parallel(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_md4_pipeline_layouts_match_single_process(tmp_path, data_dir):
-    """PP=2 (megatron-core's 1F1B schedule under DeepSpeed ZeRO-1, two micro-batches per step) and
-    TP=2 x PP=2 with sequence parallelism (stages exchange [s / TP, b, h]) against one process with the
-    same weights (CPU initialisation is layout-independent). TP=2 x PP=2 without SP: test_export_eval."""
-    gas = ["model.num_layers=2", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
-    ref = run(tmp_path, data_dir, "single_gas", 1, *gas)
+    """PP=2 (megatron-core's 1F1B schedule under DeepSpeed ZeRO-1, two micro-batches per step), PP=2 x VPP=2
+    (interleaved 1F1B over two model chunks per rank: layers 0 and 2 on rank 0, 1 and 3 on rank 1; its held-out
+    bound and samples run forward-only through the same schedule) and TP=2 x PP=2 with sequence parallelism
+    (stages exchange [s / TP, b, h]) against one process with the same weights (CPU initialisation is
+    layout-independent). TP=2 x PP=2 without SP: test_export_eval."""
+    gas = ["model.num_layers=4", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
+    sample = ["logging.sample_at_end=true", "logging.num_samples=3", "sampler.steps=4"]   # 3 rows: not a multiple of PP
+    ref = run(tmp_path, data_dir, "single_gas", 1, *gas, *sample)
     assert_same(run(tmp_path, data_dir, "pp2", 2, *gas, "parallel.pipeline_parallel=2"), ref)
+    assert_same(run(tmp_path, data_dir, "pp2_vpp2", 2, *gas, *sample, "parallel.pipeline_parallel=2",
+                    "parallel.virtual_pipeline=2"), ref)
+    drawn = [json.loads((tmp_path / "runs" / name / "result.json").read_text())["sample"]
+             for name in ("single_gas", "pp2_vpp2")]
+    assert drawn[0] == drawn[1] and drawn[0]       # the same logits, so the same draws
     assert_same(run(tmp_path, data_dir, "tp2_pp2_sp", 4, *gas, "parallel.pipeline_parallel=2",
                     "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"), ref)
 
