@@ -12,6 +12,9 @@ Variants (model/diffusion/ holds their math): Prime replaces the input embedding
 embedding (input_ids are digits [b, s, l]; output logits stay over the V tokens); GenMD4 registers its
 learned schedule `genmd4_schedule` (w = softplus(raw)) so it trains and checkpoints with the network.
 
+Time conditioning (model.time_conditioning = adaln): adaLN-zero (model/adaln.py); forward then takes t [b],
+every layer is AdaLNTransformerLayer and gets the features of t as the block's `context`.
+
 Images (model.image_shape = [H, W, C]): rows are HWC-flattened 8-bit sub-pixels, one token each (V = 256
 plus the mask); learned row, column and channel embeddings are added to the token embedding, RoPE runs
 over the flattened index. Every sub-pixel is its own token, as in MD4's pixel models (no patching), so
