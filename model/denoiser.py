@@ -163,6 +163,21 @@ def sum_sequence_parallel_grads(model: torch.nn.Module) -> int:
     return hooked
 
 
+class AutocastInputColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """megatron's ColumnParallelLinear whose input is first cast to the autocast dtype when torch.autocast is
+    on (fp32 master weights with bf16 compute, this engine's bf16). Under sequence parallelism megatron's
+    backward reduce-scatters the input gradient (autocast dtype) into a buffer of the saved input's dtype
+    (fp32), which NCCL and gloo refuse ("Check failed: outputTensors[i].dtype() == inputTensors[i].dtype()");
+    the cast is the one autocast applies inside the matmul anyway, so the numbers are unchanged, and the
+    sequence all-gather moves half the bytes."""
+
+    def forward(self, input_: Tensor, *args, **kwargs):
+        device = input_.device.type
+        if torch.is_autocast_enabled(device):
+            input_ = input_.to(torch.get_autocast_dtype(device))
+        return super().forward(input_, *args, **kwargs)
+
+
 class AdaLNTransformerLayer(TransformerLayer):
     """megatron's transformer layer (same submodules: norms, self-attention, MLP) with adaLN-zero time
     conditioning (model/adaln.py): `ada_ln` maps the time features, which the block passes to every layer
@@ -210,6 +225,8 @@ def bidirectional_layer_spec(attention: str = "sdpa", time_conditioning: str = "
     for name in ("input_layernorm", "pre_mlp_layernorm"):
         if getattr(spec.submodules, name) is WrappedTorchNorm:
             setattr(spec.submodules, name, TorchLayerNorm)
+    spec.submodules.self_attention.submodules.linear_qkv = AutocastInputColumnParallelLinear
+    spec.submodules.mlp.submodules.linear_fc1 = AutocastInputColumnParallelLinear
     attn = spec.submodules.self_attention
     attn.params = {**attn.params, "attn_mask_type": AttnMaskType.no_mask}
     if resolve_attention(attention) == "sdpa":

@@ -176,13 +176,47 @@ def assert_tp_grads_match(cfg, diffusion_cfg, ranks, ref_grads) -> None:
                 torch.testing.assert_close(r["grads"][name], want, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
 
 
-def _tp2_sp_variant_worker(rank, world_size, weights, batches, cfg, diffusion_cfg):
+def _tp2_sp_variant_worker(rank, world_size, weights, batches, cfg, diffusion_cfg, bf16=False):
     init_model_parallel(tensor_parallel=2, pipeline_parallel=1, seed=1234)
     model = build_denoiser(cfg, diffusion_cfg=diffusion_cfg, sequence_parallel=True)
     load_full_weights(model, weights, tp_rank=rank)
-    nlls = [model(b[0], b[1], t=b[2] if len(b) > 2 else None) for b in batches]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        nlls = [model(b[0], b[1], t=b[2] if len(b) > 2 else None) for b in batches]
     sum(n.mean() for n in nlls).backward()
     return {"nll": [n.detach() for n in nlls], "grads": grads_by_name(model)}
+
+
+@gloo_only
+def test_sequence_parallel_trains_under_bf16_autocast():
+    """fp32 master weights under bf16 autocast (this engine's bf16): megatron's sequence-parallel backward
+    reduce-scatters bf16 gradients into a buffer of the linear's input dtype, so the column-parallel inputs
+    are cast first (AutocastInputColumnParallelLinear). Same NLL and gradients as TP=1 to bf16 precision."""
+    cfg = tiny_config(time_conditioning="adaln")
+    g = torch.Generator().manual_seed(14)
+    batches = [(*batch(15 + k), torch.rand(2, dtype=torch.float64, generator=g)) for k in range(2)]
+    torch.manual_seed(7)
+    ref = build_denoiser(cfg)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "ada_ln" in n:
+                p.normal_(0, 0.02)
+    weights = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nlls = [ref(x, y, t=t) for x, y, t in batches]
+    sum(n.mean() for n in nlls).backward()
+    ranks = run_distributed(_tp2_sp_variant_worker, world_size=2, args=(weights, batches, cfg, None, True))
+    for r in ranks:
+        for got, want in zip(r["nll"], nlls):
+            torch.testing.assert_close(got.mean(), want.detach().mean(), atol=0.02, rtol=0)
+    probe = build_denoiser(cfg)
+    for name, p in probe.named_parameters():
+        want = dict(ref.named_parameters())[name].grad
+        if getattr(p, "tensor_model_parallel", False):
+            got = torch.cat([r["grads"][name] for r in ranks], dim=p.partition_dim)
+            got = got.narrow(p.partition_dim, 0, want.shape[p.partition_dim])
+        else:
+            got = ranks[0]["grads"][name]
+        assert (got - want).norm() <= 0.05 * want.norm() + 1e-6, name
 
 
 @gloo_only
