@@ -365,7 +365,8 @@ def build_train_loader(data_dir: str | Path, split: str, micro_batch_size: int, 
 
 
 class EvalLoader:
-    """One deterministic pass over a split; each row goes to exactly one DP rank, exactly once.
+    """One deterministic pass over a split (or its first `limit_rows` rows: the same rows at any DP size);
+    each row goes to exactly one DP rank, exactly once.
 
     Rank r gets the r-th contiguous chunk of np.array_split(range(num_rows), dp_size) (chunk sizes
     differ by at most one), in order, in batches of micro_batch_size. Every rank yields the same
@@ -374,13 +375,13 @@ class EvalLoader:
     tokens, and still join the collectives for an empty batch.
     """
 
-    def __init__(self, rows, micro_batch_size: int, dp_rank: int, dp_size: int):
+    def __init__(self, rows, micro_batch_size: int, dp_rank: int, dp_size: int, limit_rows: int | None = None):
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"bad data-parallel rank/size: dp_rank={dp_rank}, dp_size={dp_size}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.rows, self.micro_batch_size = rows, micro_batch_size
-        self.num_rows = rows.num_rows
+        self.num_rows = rows.num_rows if not limit_rows else min(limit_rows, rows.num_rows)
         chunks = np.array_split(np.arange(self.num_rows), dp_size)
         self.indices = chunks[dp_rank]
         self.local_num_rows = len(self.indices)
@@ -396,8 +397,8 @@ class EvalLoader:
 
 
 def build_eval_loader(data_dir: str | Path, split: str, micro_batch_size: int, dp_rank: int,
-                      dp_size: int) -> EvalLoader:
-    return EvalLoader(open_rows(resolve_data_dir(data_dir), split), micro_batch_size, dp_rank, dp_size)
+                      dp_size: int, limit_rows: int | None = None) -> EvalLoader:
+    return EvalLoader(open_rows(resolve_data_dir(data_dir), split), micro_batch_size, dp_rank, dp_size, limit_rows)
 
 
 def unigram_perplexity(data_dir: str | Path, split: str = "val") -> float:

@@ -117,7 +117,7 @@ class CheckpointConfig:
 class LoggingConfig:
     log_interval: int = 10
     eval_interval: int = 100
-    eval_batches: int = 0          # 0 = the whole held-out split
+    eval_batches: int = 0          # the first eval_batches x micro_batch_size held-out rows (any layout); 0 = all
     eval_draws: int = 1            # K draws of t per held-out sequence
     sample_at_end: bool = True     # draw samples with the `sampler` settings when training ends
     sample_interval: int = 0       # also every this many steps (0 = only at the end); TensorBoard text / image grid

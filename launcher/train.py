@@ -216,8 +216,10 @@ class Trainer:
         self.train_loader = build_train_loader(data_dir, cfg.data.train_split, cfg.optim.micro_batch_size,
                                                info.dp_rank, info.dp_size, seed=cfg.run.seed,
                                                num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle)
-        self._build_eval_loader = lambda: build_eval_loader(data_dir, cfg.data.val_split,
-                                                            cfg.optim.micro_batch_size, info.dp_rank, info.dp_size)
+        # logging.eval_batches: the first eval_batches x micro_batch_size held-out rows, the same at any layout
+        self._build_eval_loader = lambda: build_eval_loader(
+            data_dir, cfg.data.val_split, cfg.optim.micro_batch_size, info.dp_rank, info.dp_size,
+            limit_rows=cfg.logging.eval_batches * cfg.optim.micro_batch_size or None)
         self.step = 0
         self.tokens_seen = 0
         self.writer = None
@@ -462,9 +464,7 @@ class Trainer:
         swapped = self.ema.swap_in(self.engine.module) if self.ema is not None else None
         n, k_draws = cfg.model.seq_len, cfg.logging.eval_draws
         sums = torch.zeros(3, dtype=torch.float64)   # [sum of per-row nats, sum of squares, rows]
-        for i, x0 in enumerate(self._build_eval_loader()):
-            if cfg.logging.eval_batches and i >= cfg.logging.eval_batches:
-                break
+        for x0 in self._build_eval_loader():
             if x0.shape[0] == 0:   # a rank with one row fewer; its tensor/pipeline peers skip it too
                 continue
             per_row = heldout_nelbo(self.forward, self.objective, x0.to(self.info.device), k_draws, cfg.run.seed)

@@ -241,6 +241,11 @@ def test_eval_loader_each_row_once(small_data):
     assert [tuple(r.tolist()) for b in loaders[0] for r in b] == got[:loaders[0].local_num_rows]  # deterministic
     # one rank: everything
     assert sum(len(b) for b in build_eval_loader(out, "val", 1000, 0, 1)) == n
+    # the first k rows (logging.eval_batches x micro-batch): the same rows on 1 rank and across 2
+    k = 2 * B + 3
+    one = [tuple(r.tolist()) for b in build_eval_loader(out, "val", B, 0, 1, limit_rows=k) for r in b]
+    two = [tuple(r.tolist()) for rk in range(2) for b in build_eval_loader(out, "val", B, rk, 2, limit_rows=k) for r in b]
+    assert one == two == got[:k]
 
 
 def test_cli(sotu, tmp_path):
