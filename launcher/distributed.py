@@ -80,7 +80,7 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
                      timeout_minutes: int = 30, virtual_pipeline: int = 1) -> DistInfo:
     """Initialise the default process group and megatron's model-parallel groups (virtual_pipeline > 1:
     that many model chunks per pipeline rank, megatron's interleaved schedule)."""
-    from megatron.core import parallel_state, tensor_parallel as mtp
+    from megatron.core import parallel_state
 
     from launcher import megatron_cpu
 
@@ -103,7 +103,6 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     else:
         device = torch.device("cpu")
-        megatron_cpu.apply()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
                                 rank=rank, world_size=world,
@@ -111,14 +110,9 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
     if world % (tensor_parallel * pipeline_parallel) != 0:
         raise ValueError(f"world size {world} is not divisible by tensor_parallel x pipeline_parallel = "
                          f"{tensor_parallel} x {pipeline_parallel}")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                                 pipeline_model_parallel_size=pipeline_parallel,
-                                                 virtual_pipeline_model_parallel_size=(
-                                                     virtual_pipeline if virtual_pipeline > 1 else None))
-    # Same base seed on every rank; megatron offsets the tensor-parallel RNG per TP rank.
-    torch.manual_seed(seed)
-    mtp.model_parallel_cuda_manual_seed(seed)
+    # megatron's parallel state (and its CPU layer without CUDA); the same base seed on every rank, megatron
+    # offsets the tensor-parallel RNG per TP rank
+    megatron_cpu.init_model_parallel(tensor_parallel, pipeline_parallel, seed, virtual_pipeline)
     return DistInfo(
         rank=rank, world_size=world, local_rank=local_rank,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),

@@ -461,9 +461,9 @@ def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32, 
     """megatron TransformerConfig from our ModelConfig; TP/PP sizes come from megatron's parallel_state
     (whole_model: all layers on this rank whatever the pipeline size); sequence_parallel: megatron's
     sequence parallelism (norms, dropout and residuals on [s / TP, b, h]; needs TP > 1)."""
-    if sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() == 1:
-        raise ValueError("sequence parallelism needs tensor parallelism (TP > 1)")
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    if sequence_parallel and tp == 1:
+        raise ValueError("sequence parallelism needs tensor parallelism (TP > 1)")
     pp = 1 if whole_model else parallel_state.get_pipeline_model_parallel_world_size()
     vpp = None if whole_model else parallel_state.get_virtual_pipeline_model_parallel_world_size()
     return TransformerConfig(

@@ -66,16 +66,23 @@ def grads_by_name(model: torch.nn.Module, layer_offset: int = 0) -> dict[str, to
     return {global_name(n, layer_offset): p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def reference(cfg: ModelConfig, batches, diffusion_cfg=None) -> tuple[dict, list[torch.Tensor], dict]:
-    """TP=PP=1 in this process: full weights, per-token NLL of each batch, gradients of sum of mean NLLs."""
-    torch.manual_seed(7)
-    model = build_denoiser(cfg, diffusion_cfg=diffusion_cfg)
-    with torch.no_grad():   # adaLN-zero starts at zero: make its maps matter
+def perturb_adaln(model: torch.nn.Module) -> None:
+    """adaLN-zero's maps start at zero: give them weights so that they matter."""
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "ada_ln" in n:
                 p.normal_(0, 0.02)
+
+
+def reference(cfg: ModelConfig, batches, diffusion_cfg=None, bf16: bool = False) -> tuple[dict, list[torch.Tensor], dict]:
+    """TP=PP=1 in this process: full weights, per-token NLL of each batch, gradients of sum of mean NLLs
+    (bf16: the forward under bf16 autocast)."""
+    torch.manual_seed(7)
+    model = build_denoiser(cfg, diffusion_cfg=diffusion_cfg)
+    perturb_adaln(model)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    nlls = [model(b[0], b[1], t=b[2] if len(b) > 2 else None) for b in batches]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        nlls = [model(b[0], b[1], t=b[2] if len(b) > 2 else None) for b in batches]
     sum(n.mean() for n in nlls).backward()
     return weights, [n.detach() for n in nlls], grads_by_name(model)
 
@@ -162,18 +169,21 @@ def test_tp2_matches_tp1_nll_and_gradients(sequence_parallel):
     assert_tp_grads_match(cfg, None, ranks, ref_grads)
 
 
-def assert_tp_grads_match(cfg, diffusion_cfg, ranks, ref_grads) -> None:
+def _close_fp32(got, want, name):
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def assert_tp_grads_match(cfg, diffusion_cfg, ranks, ref_grads, close=_close_fp32) -> None:
     """TP shards concatenated along their partition dim (replicated parameters: every rank's) == TP=1."""
     probe = build_denoiser(cfg, diffusion_cfg=diffusion_cfg)   # only for the partition attributes
     for name, p in probe.named_parameters():
         want = ref_grads[name]
         if getattr(p, "tensor_model_parallel", False):
             got = torch.cat([r["grads"][name] for r in ranks], dim=p.partition_dim)
-            got = got.narrow(p.partition_dim, 0, want.shape[p.partition_dim])
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+            close(got.narrow(p.partition_dim, 0, want.shape[p.partition_dim]), want, name)
         else:
             for r in ranks:
-                torch.testing.assert_close(r["grads"][name], want, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+                close(r["grads"][name], want, name)
 
 
 def _tp2_sp_variant_worker(rank, world_size, weights, batches, cfg, diffusion_cfg, bf16=False):
@@ -194,29 +204,15 @@ def test_sequence_parallel_trains_under_bf16_autocast():
     cfg = tiny_config(time_conditioning="adaln")
     g = torch.Generator().manual_seed(14)
     batches = [(*batch(15 + k), torch.rand(2, dtype=torch.float64, generator=g)) for k in range(2)]
-    torch.manual_seed(7)
-    ref = build_denoiser(cfg)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "ada_ln" in n:
-                p.normal_(0, 0.02)
-    weights = {n: p.detach().clone() for n, p in ref.named_parameters()}
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        nlls = [ref(x, y, t=t) for x, y, t in batches]
-    sum(n.mean() for n in nlls).backward()
+    weights, nlls, ref_grads = reference(cfg, batches, bf16=True)
     ranks = run_distributed(_tp2_sp_variant_worker, world_size=2, args=(weights, batches, cfg, None, True))
     for r in ranks:
         for got, want in zip(r["nll"], nlls):
-            torch.testing.assert_close(got.mean(), want.detach().mean(), atol=0.02, rtol=0)
-    probe = build_denoiser(cfg)
-    for name, p in probe.named_parameters():
-        want = dict(ref.named_parameters())[name].grad
-        if getattr(p, "tensor_model_parallel", False):
-            got = torch.cat([r["grads"][name] for r in ranks], dim=p.partition_dim)
-            got = got.narrow(p.partition_dim, 0, want.shape[p.partition_dim])
-        else:
-            got = ranks[0]["grads"][name]
+            torch.testing.assert_close(got.mean(), want.mean(), atol=0.02, rtol=0)
+
+    def close_bf16(got, want, name):
         assert (got - want).norm() <= 0.05 * want.norm() + 1e-6, name
+    assert_tp_grads_match(cfg, None, ranks, ref_grads, close=close_bf16)
 
 
 @gloo_only
@@ -375,10 +371,7 @@ def test_activation_recomputation_keeps_loss_and_gradients(recompute, tc):
     """(adaln: the time features travel through megatron's checkpointed block as the layers' `context`.)"""
     torch.manual_seed(4)
     plain = build_denoiser(tiny_config(time_conditioning=tc))
-    with torch.no_grad():
-        for n, p in plain.named_parameters():
-            if "ada_ln" in n:
-                p.normal_(0, 0.02)
+    perturb_adaln(plain)
     torch.manual_seed(4)
     again = build_denoiser(tiny_config(recompute=recompute, time_conditioning=tc))
     assert again.config.recompute_granularity == recompute
