@@ -89,8 +89,8 @@ class OptimConfig:
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0
     train_steps: int = 1000
-    micro_batch_size: int = 8
-    global_batch_size: int = 16
+    micro_batch_size: int = 8           # per-device maximum: the largest divisor of the per-rank share is used
+    global_batch_size: int = 16         # the contract: sequences per optimizer step at any world size
     ema_decay: float = 0.0              # EMA of the weights for held-out evaluation; 0 = off (MD4: 0.9999)
     max_consecutive_skips: int = 10     # non-finite loss/gradients: skip the step; stop after this many in a row
 
@@ -102,7 +102,8 @@ class ParallelConfig:
     virtual_pipeline: int = 1                      # model chunks per pipeline rank (interleaved 1F1B); 1 = off
     sequence_parallel: bool = False                # megatron's sequence parallelism over the TP group
     zero_stage: int = 1                            # DeepSpeed ZeRO stage: 1, 2 or 3 (3: PP = 1, no EMA)
-    precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast where the device supports it
+    # auto: bf16 autocast where the device computes bf16 natively, else fp32 (launcher/precision.py)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass
@@ -144,9 +145,9 @@ class Config:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
 
-    def grad_accum_steps(self, world_size: int) -> int:
-        dp = self.data_parallel_size(world_size)
-        return self.optim.global_batch_size // (self.optim.micro_batch_size * dp)
+    def batch_layout(self, world_size: int, source: str = "<config>") -> "BatchLayout":
+        """Micro-batch, gradient accumulation and data-parallel size at `world_size` (resolve_batch)."""
+        return resolve_batch(self, world_size, source)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -334,8 +335,6 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, source, "optim.beta1/beta2", "must be in [0, 1)")
     _require(o.warmup_steps >= 0, source, "optim.warmup_steps", "must be >= 0")
     _require(o.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    _require(o.global_batch_size % o.micro_batch_size == 0, source, "optim.global_batch_size",
-             f"{o.global_batch_size} is not a multiple of optim.micro_batch_size={o.micro_batch_size}")
     _require(p.zero_stage in (0, 1, 2, 3), source, "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     _require(m.num_attention_heads % p.tensor_parallel == 0, source, "parallel.tensor_parallel",
              f"model.num_attention_heads={m.num_attention_heads} is not divisible by tensor_parallel={p.tensor_parallel}")
@@ -379,22 +378,87 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         validate_world(cfg, world_size, source)
 
 
-def validate_world(cfg: Config, world_size: int, source: str = "<config>") -> None:
+@dataclass(frozen=True)
+class BatchLayout:
+    """How optim.global_batch_size is split at one world size: per step every data-parallel rank runs
+    grad_accum micro-batches of micro_batch_size sequences (micro_batch_size x grad_accum x data_parallel
+    = global_batch_size)."""
+    world_size: int
+    data_parallel: int
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+    requested_micro_batch_size: int
+
+    def describe(self) -> str:
+        capped = ("" if self.micro_batch_size == self.requested_micro_batch_size
+                  else f" (optim.micro_batch_size={self.requested_micro_batch_size} is the per-device maximum)")
+        return (f"global batch {self.global_batch_size} = micro-batch {self.micro_batch_size} x gradient accumulation "
+                f"{self.grad_accum} x data-parallel {self.data_parallel}{capped}")
+
+
+def _split(cfg: Config, world_size: int) -> tuple[int, int, int] | None:
+    """(dp, micro, gas) or None: the largest micro-batch <= optim.micro_batch_size that divides the per-rank
+    share of the global batch, with megatron's interleaved schedule's rule on the micro-batch count."""
+    p, o = cfg.parallel, cfg.optim
+    mp = p.tensor_parallel * p.pipeline_parallel
+    if world_size < 1 or world_size % mp:
+        return None
+    dp = world_size // mp
+    if o.global_batch_size % dp:
+        return None
+    share = o.global_batch_size // dp
+    for micro in range(min(o.micro_batch_size, share), 0, -1):
+        gas = share // micro
+        if share % micro:
+            continue
+        # megatron-core 0.16.1's forward_backward_pipelining_with_interleaving runs the micro-batches in groups
+        # of microbatch_group_size_per_vp_stage (= pipeline_parallel) per model chunk: it raises ValueError
+        # unless PP <= M and RuntimeError unless M % PP == 0 (a last group of 0 < M % PP < PP micro-batches)
+        if p.virtual_pipeline > 1 and gas % p.pipeline_parallel:
+            continue
+        return dp, micro, gas
+    return None
+
+
+def working_sizes(cfg: Config, tasks_per_unit: int = 1, up_to: int = 64) -> list[int]:
+    """The unit counts n <= up_to (nodes of tasks_per_unit tasks, or local processes) at which the global
+    batch splits over the data-parallel ranks."""
+    return [n for n in range(1, up_to + 1) if _split(cfg, n * tasks_per_unit) is not None]
+
+
+def resolve_batch(cfg: Config, world_size: int, source: str = "<config>", tasks_per_unit: int | None = None,
+                  unit: str = "nodes") -> BatchLayout:
+    """The global batch is the contract and the micro-batch a per-device maximum. Only a global batch that
+    cannot be split over the data-parallel ranks at all is an error; it lists the sizes that would work
+    (`unit` counts of `tasks_per_unit` tasks: nodes of G GPUs, or local processes)."""
     p, o = cfg.parallel, cfg.optim
     mp = p.tensor_parallel * p.pipeline_parallel
     _require(world_size % mp == 0, source, "parallel",
              f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = {mp}")
-    dp = world_size // mp
-    _require(o.global_batch_size % (o.micro_batch_size * dp) == 0, source, "optim.global_batch_size",
-             f"{o.global_batch_size} is not divisible by micro_batch_size x data_parallel = "
-             f"{o.micro_batch_size} x {dp}")
-    if p.virtual_pipeline > 1:
-        # megatron-core 0.16.1's forward_backward_pipelining_with_interleaving runs the micro-batches in groups
-        # of microbatch_group_size_per_vp_stage (= pipeline_parallel) per model chunk: it raises ValueError
-        # unless PP <= M and RuntimeError unless M % PP == 0 (a last group of 0 < M % PP < PP micro-batches)
-        gas = o.global_batch_size // (o.micro_batch_size * dp)
-        _require(gas % p.pipeline_parallel == 0, source, "parallel.virtual_pipeline",
-                 f"{p.virtual_pipeline} (megatron's interleaved schedule) needs the micro-batches per step, "
-                 f"optim.global_batch_size / (optim.micro_batch_size x data_parallel) = {o.global_batch_size} / "
-                 f"({o.micro_batch_size} x {dp}) = {gas}, to be a multiple of parallel.pipeline_parallel="
-                 f"{p.pipeline_parallel}")
+    split = _split(cfg, world_size)
+    if split is None:
+        dp = world_size // mp
+        per = tasks_per_unit or 1
+        ok = working_sizes(cfg, per, up_to=max(64, 2 * world_size // per))
+        where = f"{unit} of {per} tasks each" if tasks_per_unit and unit == "nodes" else unit
+        hint = (f"; it splits at {', '.join(map(str, ok[:16]))}{' ...' if len(ok) > 16 else ''} {where}" if ok
+                else "; no world size up to 64 units splits it: change optim.global_batch_size")
+        if o.global_batch_size % dp:
+            why = f"{o.global_batch_size} sequences do not split over {dp} data-parallel ranks"
+        else:
+            why = (f"{o.global_batch_size // dp} sequences per data-parallel rank cannot be cut into a multiple of "
+                   f"parallel.pipeline_parallel={p.pipeline_parallel} micro-batches of at most "
+                   f"optim.micro_batch_size={o.micro_batch_size} (parallel.virtual_pipeline={p.virtual_pipeline}: "
+                   "megatron's interleaved schedule)")
+        raise ConfigError(f"{source}: optim.global_batch_size: {why} (world size {world_size} = "
+                          f"tensor_parallel {p.tensor_parallel} x pipeline_parallel {p.pipeline_parallel} x "
+                          f"data_parallel {dp}){hint}")
+    dp, micro, gas = split
+    return BatchLayout(world_size, dp, micro, gas, o.global_batch_size, o.micro_batch_size)
+
+
+def validate_world(cfg: Config, world_size: int, source: str = "<config>", tasks_per_unit: int | None = None,
+                   unit: str = "nodes") -> BatchLayout:
+    """The config at `world_size` ranks: the layout fits and the global batch splits; returns the split."""
+    return resolve_batch(cfg, world_size, source, tasks_per_unit, unit)

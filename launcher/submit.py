@@ -20,9 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,8 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("config", help="YAML config under configs/")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--local", type=int, metavar="N", help="run N processes on this machine (submitit local)")
-    where.add_argument("--nodes", type=int, help="SLURM nodes")
+    where.add_argument("--local", type=_positive, metavar="N", help="run N processes on this machine (submitit local)")
+    where.add_argument("--nodes", type=_positive, help="SLURM nodes")
+    p.add_argument("--gpu", default=None, help="the GPU model of the capacity plan (launcher/plan.py --gpu; "
+                   "default H100-80GB on GPU clusters)")
     p.add_argument("--cluster", metavar="NAME", help="SLURM cluster profile cluster/profiles/NAME.yaml (or a path)")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs (= tasks) per node (default: the profile's, else 8); 0 = CPU only")
@@ -59,6 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     wait.add_argument("--wait", action="store_true", help="SLURM: wait for the job's result (default for --local)")
     wait.add_argument("--no-wait", action="store_true", help="return after submission (default for SLURM)")
     return p.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def code_version() -> str:
@@ -107,15 +122,17 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.local is not None:
-            world = args.local
+            world, per_unit, unit, gpus = args.local, None, "processes (--local N)", 0
         else:
-            from launcher.slurm import world_size
+            from launcher.slurm import resolve_cluster
 
             try:
-                world = world_size(args)
+                settings = resolve_cluster(args)
             except (OSError, ValueError) as e:   # unknown/invalid profile, conflicting flags
                 raise ConfigError(f"--cluster {args.cluster}: {e}" if args.cluster else str(e)) from None
-        validate_world(cfg, world, args.config)
+            world = settings["nodes"] * settings["tasks_per_node"]
+            per_unit, unit, gpus = settings["tasks_per_node"], "nodes", settings["gpus_per_node"]
+        batch = validate_world(cfg, world, args.config, tasks_per_unit=per_unit, unit=unit)
         data = Path(cfg.data.path)
         from data_pipeline.loader import is_remote
 
@@ -137,9 +154,15 @@ def main(argv=None) -> int:
     import submitit
     import yaml
 
+    from launcher.plan import plan_for, render_plan
+
+    plan = plan_for(cfg, world, gpus_per_node=gpus, gpu=args.gpu)
     if args.dry_run:
         print("# resolved config")
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(f"# batch: {batch.describe()}")
+        print(f"# precision: {plan.precision}")
+        print(render_plan(plan, prefix="# "))
         if args.local is None:
             from launcher.slurm import resolve_cluster, sbatch_script
 
@@ -173,13 +196,33 @@ def main(argv=None) -> int:
         from launcher.slurm import slurm_executor
 
         executor = slurm_executor(cfg, args, run_dir)
-    job = executor.submit(TrainJob(str(run_dir)))
+    if args.local is not None:
+        # submitit's local controller writes to the submitter's stderr; on Ctrl-C (SIGINT to the whole
+        # foreground process group) it would print its KeyboardInterrupt traceback there. It inherits this
+        # file as its stderr instead; the ranks log to their own files under submitit/.
+        (run_dir / "submitit").mkdir(parents=True, exist_ok=True)
+        saved = os.dup(2)
+        with open(run_dir / "submitit" / "controller.log", "ab") as log:
+            os.dup2(log.fileno(), 2)
+            try:
+                job = executor.submit(TrainJob(str(run_dir)))
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+    else:
+        job = executor.submit(TrainJob(str(run_dir)))
     print(f"submitted job {job.job_id}; run directory {run_dir}", flush=True)
+    print(f"batch: {batch.describe()}; precision: {plan.precision}", flush=True)
     print(f"watch it: tensorboard --logdir {run_dir / 'tensorboard'} --host 127.0.0.1", flush=True)
     if args.no_wait or (args.local is None and not args.wait):
         return 0
+    resume = " ".join(["python", "launcher/submit.py"] + [shlex.quote(a) for a in (argv if argv is not None
+                                                                                   else sys.argv[1:])])
+    procs: dict = {}
     try:
-        results = job.results()
+        results = wait_streaming(job, procs=procs if args.local is not None else None)
+    except KeyboardInterrupt:
+        return interrupted(job, run_dir, local=args.local is not None, resume=resume, procs=procs)
     except Exception as e:  # submitit re-raises the task's exception with its traceback
         print(f"job {job.job_id} failed: {e}", file=sys.stderr)
         print(f"logs: {run_dir / 'submitit'}", file=sys.stderr)
@@ -187,6 +230,108 @@ def main(argv=None) -> int:
     result = next((r for r in results if r is not None), None)
     print_result(result)
     return 0
+
+
+# what rank 0 prints that the terminal shows while the job runs (its whole log is in run_dir/submitit)
+PROGRESS_PREFIXES = ("[step ", "warning", "WARNING", "initialised from")
+
+
+class LogFollower:
+    """Reads the complete lines that were appended to a log file since the last call."""
+
+    def __init__(self, path: Path):
+        self.path, self.pos, self.partial = Path(path), 0, ""
+
+    def lines(self) -> list[str]:
+        try:
+            with open(self.path, "r", errors="replace") as f:
+                f.seek(self.pos)
+                chunk = f.read()
+                self.pos = f.tell()
+        except FileNotFoundError:
+            return []
+        text = self.partial + chunk
+        *done, self.partial = text.split("\n")
+        return done
+
+
+def job_processes(job, known: dict | None = None) -> dict:
+    """pid -> psutil.Process of a local job's controller and everything under it (ranks, data workers),
+    added to `known`: a rank that outlives its controller is no longer below it."""
+    import psutil
+
+    known = dict(known or {})
+    proc = getattr(job, "_process", None)
+    if proc is None:
+        return known
+    try:
+        top = psutil.Process(proc.pid)
+        for p in [top, *top.children(recursive=True)]:
+            known.setdefault(p.pid, p)
+    except psutil.Error:
+        pass
+    return known
+
+
+def wait_streaming(job, poll_s: float = 0.5, procs: dict | None = None):
+    """job.results(), echoing rank 0's progress lines (step, bits/token, tokens/s, ETA; evaluation and
+    sampling progress) while the job runs. `procs` (local jobs) collects the job's processes."""
+    follower = LogFollower(job.paths.stdout)   # task 0 = global rank 0
+
+    def echo():
+        for line in follower.lines():
+            if line.startswith(PROGRESS_PREFIXES):
+                print(line, flush=True)
+
+    last = 0.0
+    while not job.done():
+        echo()
+        if procs is not None and time.time() - last > 2:
+            procs.update(job_processes(job))
+            last = time.time()
+        time.sleep(poll_s)
+    echo()
+    return job.results()
+
+
+def interrupted(job, run_dir: Path, *, local: bool, resume: str, procs: dict | None = None) -> int:
+    """Ctrl-C while waiting. A local job is cancelled: every rank ends (submitit's controller sends SIGINT,
+    then SIGKILL, to its tasks); checkpoints are written atomically, so the newest complete one stays
+    loadable. A SLURM job keeps running (it is the cluster's); the terminal says how to stop it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not cut the clean-up short
+    if not local:
+        print(f"\nstopped waiting; SLURM job {job.job_id} keeps running (scancel {job.job_id} stops it; "
+              f"submitting the same command again resumes it)", file=sys.stderr)
+        return 130
+    import psutil
+
+    print(f"\ncancelling job {job.job_id} ...", file=sys.stderr, flush=True)
+    procs = job_processes(job, procs)
+    proc = getattr(job, "_process", None)
+    if proc is not None:
+        try:   # Ctrl-C in a terminal reached the controller too: it is already stopping the ranks
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            job.cancel()     # SIGINT to the controller, which sends SIGINT, then SIGKILL, to the ranks
+    alive = list(procs.values())
+    _, alive = psutil.wait_procs(alive, timeout=15)
+    for p in alive:          # what neither the controller nor SIGINT ended
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    if proc is not None:
+        proc.poll()
+    from launcher.checkpoint import list_complete, verify
+
+    root = Path(run_dir) / "checkpoints"
+    good = next((t for t in reversed(list_complete(root)) if verify(root / t) is None), None) if root.is_dir() else None
+    where = (f"the newest complete checkpoint is {root / good}" if good
+             else "no checkpoint was complete yet, so the run will start from step 0")
+    print(f"cancelled: every rank of job {job.job_id} has ended; {where}.\n"
+          f"resume with the same command: {resume}", file=sys.stderr, flush=True)
+    return 130
 
 
 def print_result(result: dict | None) -> None:

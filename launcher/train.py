@@ -79,16 +79,22 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def autocast_ctx(cfg: Config, device: torch.device):
-    if cfg.parallel.precision == "bf16":
+def autocast_ctx(precision: "str | Config", device: torch.device):
+    """bf16 autocast or nothing; `precision` is a resolved one (bf16 | fp32) or a Config, resolved here for
+    `device` (launcher/precision.py)."""
+    if isinstance(precision, Config):
+        from launcher.precision import resolve_precision
+
+        precision = resolve_precision(precision.parallel.precision, device).resolved
+    if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
-def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+def deepspeed_config(cfg: Config, batch) -> dict:
+    """DeepSpeed's config for the resolved batch split `batch` (launcher.config.BatchLayout)."""
     o, p = cfg.optim, cfg.parallel
-    gas = o.global_batch_size // (o.micro_batch_size * dp_size)
-    micro = o.micro_batch_size
+    gas, micro = batch.grad_accum, batch.micro_batch_size
     if p.pipeline_parallel > 1:
         # megatron's pipeline schedule runs the micro-batches; DeepSpeed sees one step per global batch
         micro, gas = micro * gas, 1
@@ -127,6 +133,20 @@ def peak_memory_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20    # KiB on Linux
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _len_or_none(loader):
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 class EMA:
@@ -185,7 +205,14 @@ class Trainer:
             # one share of the cores per local process: oversubscribed BLAS threads thrash on CPU
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
-        validate_world(cfg, info.world_size, str(self.run_dir / "config.yaml"))
+        # the global batch is the contract; the micro-batch the largest divisor of this rank's share that
+        # is <= optim.micro_batch_size (launcher.config.resolve_batch)
+        self.batch = validate_world(cfg, info.world_size, str(self.run_dir / "config.yaml"))
+        from launcher.precision import resolve_precision
+
+        self.precision = resolve_precision(cfg.parallel.precision, info.device)
+        if self.precision.warning and info.is_main:
+            print(f"warning: {self.precision.warning}", flush=True)
         # a remote data.path (s3://, gs://, https://, file://, ...) is copied into the local cache
         # ($MDIFF_DATA_CACHE_DIR, default ~/.cache/mdiff/data), every file checked against its sha256
         self.data_dir = data_dir = resolve_data_dir(cfg.data.path)
@@ -208,17 +235,17 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, info.dp_size), mpu=MegatronMPU(), dist_init_required=False)
+            config=deepspeed_config(cfg, self.batch), mpu=MegatronMPU(), dist_init_required=False)
         from launcher.checkpoint import install_safe_loading
 
         install_safe_loading(self.engine)   # checkpoints load weights-only: no pickled code runs
-        self.gas = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * info.dp_size)
-        self.train_loader = build_train_loader(data_dir, cfg.data.train_split, cfg.optim.micro_batch_size,
+        self.gas = self.batch.grad_accum
+        self.train_loader = build_train_loader(data_dir, cfg.data.train_split, self.batch.micro_batch_size,
                                                info.dp_rank, info.dp_size, seed=cfg.run.seed,
                                                num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle)
         # logging.eval_batches: the first eval_batches x micro_batch_size held-out rows, the same at any layout
         self._build_eval_loader = lambda: build_eval_loader(
-            data_dir, cfg.data.val_split, cfg.optim.micro_batch_size, info.dp_rank, info.dp_size,
+            data_dir, cfg.data.val_split, self.batch.micro_batch_size, info.dp_rank, info.dp_size,
             limit_rows=cfg.logging.eval_batches * cfg.optim.micro_batch_size or None)
         self.step = 0
         self.tokens_seen = 0
@@ -304,6 +331,20 @@ class Trainer:
         return out
 
     # ----- logging ----------------------------------------------------------------------------
+    def write_resolved(self) -> None:
+        """What `auto` and the batch split resolved to on this job's devices: <run_dir>/resolved.json (and
+        TensorBoard text); config.yaml keeps what was asked."""
+        if not self.info.is_main:
+            return
+        from dataclasses import asdict
+
+        doc = {"precision": asdict(self.precision), "batch": asdict(self.batch), "device": str(self.info.device),
+               "step": self.step}
+        (self.run_dir / "resolved.json").write_text(json.dumps(doc, indent=1) + "\n")
+        if self.writer is not None:
+            self.writer.add_text("run/resolved", f"precision: {self.precision.describe()}\n\n"
+                                                 f"batch: {self.batch.describe()}", self.step)
+
     def log(self, msg: str):
         if self.info.is_main:
             print(f"[step {self.step}] {msg}", flush=True)
@@ -323,7 +364,7 @@ class Trainer:
         pipeline parallelism: a forward-only pass through megatron's schedule, whose last-stage output is
         broadcast to every stage (evaluation and sampling run the same code on every rank)."""
         if self.info.pp_size == 1:
-            with autocast_ctx(self.cfg, self.info.device):
+            with autocast_ctx(self.precision.resolved, self.info.device):
                 return self.engine(**inputs)
         return self._pipeline_forward(inputs)
 
@@ -341,7 +382,7 @@ class Trainer:
 
         def forward_step(data_iterator, model):
             inputs, ctx = next(data_iterator)
-            with autocast_ctx(self.cfg, self.info.device):
+            with autocast_ctx(self.precision.resolved, self.info.device):
                 out = model(**inputs)
             if not model.post_process:   # what travels to the next stage or chunk has the schedule's dtype
                 out = out.to(dtype)
@@ -396,7 +437,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         cfg, info = self.cfg, self.info
-        mb, n = cfg.optim.micro_batch_size, cfg.model.seq_len
+        mb, n = self.batch.micro_batch_size, cfg.model.seq_len
         wait = 0.0
         micro = []
         for m in range(self.gas):
@@ -464,7 +505,14 @@ class Trainer:
         swapped = self.ema.swap_in(self.engine.module) if self.ema is not None else None
         n, k_draws = cfg.model.seq_len, cfg.logging.eval_draws
         sums = torch.zeros(3, dtype=torch.float64)   # [sum of per-row nats, sum of squares, rows]
-        for x0 in self._build_eval_loader():
+        loader = self._build_eval_loader()
+        total = _len_or_none(loader)
+        t0, shown = time.time(), time.time()
+        for i, x0 in enumerate(loader):
+            if time.time() - shown > 10:      # a progress line for long evaluations (rank 0's share)
+                shown = time.time()
+                self.log(f"held-out bound: {i}{f'/{total}' if total else ''} batches, "
+                         f"{fmt_duration(shown - t0)} elapsed")
             if x0.shape[0] == 0:   # a rank with one row fewer; its tensor/pipeline peers skip it too
                 continue
             per_row = heldout_nelbo(self.forward, self.objective, x0.to(self.info.device), k_draws, cfg.run.seed)
@@ -489,8 +537,15 @@ class Trainer:
         self.engine.eval()
         swapped = self.ema.swap_in(self.engine.module) if self.ema is not None else None
 
+        calls, t0, shown = [0], time.time(), [time.time()]
+
         def denoiser(ids: torch.Tensor, t=None) -> torch.Tensor:
             kw = {"t": t.to(self.info.device)} if t is not None else {}
+            calls[0] += 1
+            if time.time() - shown[0] > 10:   # a progress line for long sampling runs
+                shown[0] = time.time()
+                self.log(f"sampling: network call {calls[0]} of at most {cfg.sampler.steps}, "
+                         f"{fmt_duration(shown[0] - t0)} elapsed")
             return gather_logits(self.forward(input_ids=ids.to(self.info.device), **kw), cfg.model.vocab_size).float()
 
         g = torch.Generator().manual_seed(cfg.run.seed + self.step)
@@ -527,8 +582,10 @@ class Trainer:
         t_last, steps_since = time.time(), 0
         self.log(f"training {cfg.run.name}: world={info.world_size} (tp={info.tp_size} pp={info.pp_size} "
                  f"{f'vpp={cfg.parallel.virtual_pipeline} ' if cfg.parallel.virtual_pipeline > 1 else ''}"
-                 f"dp={info.dp_size}), zero={cfg.parallel.zero_stage}, precision={cfg.parallel.precision}, "
-                 f"grad accumulation={self.gas}, device={info.device}")
+                 f"dp={info.dp_size}), zero={cfg.parallel.zero_stage}, device={info.device}")
+        self.log(f"precision: {self.precision.describe()}")
+        self.log(f"batch: {self.batch.describe()}")
+        self.write_resolved()
         from model.denoiser import kernel_report, resolve_attention
 
         self.log(f"kernels: {kernel_report(resolve_attention(cfg.model.attention))}")
@@ -579,8 +636,10 @@ class Trainer:
                 self.scalar("perf/peak_memory_gb", rec["peak_memory_gb"])
                 self.scalar("perf/data_wait_s", rec["data_wait_s"])
                 self.metrics_line(rec)
-                self.log(f"train {rec['train_bits_per_token']:.3f} bits/token  lr {lr:.2e}  "
-                         f"grad {grad_norm:.2f}  {tps:.0f} tok/s  data wait {rec['data_wait_s'] * 1e3:.0f} ms/step")
+                left = (cfg.optim.train_steps - self.step) * dt / max(steps_since, 1)
+                self.log(f"{self.step}/{cfg.optim.train_steps} train {rec['train_bits_per_token']:.3f} bits/token  "
+                         f"lr {lr:.2e}  grad {grad_norm:.2f}  {tps:.0f} tok/s  data wait "
+                         f"{rec['data_wait_s'] * 1e3:.0f} ms/step  ETA {fmt_duration(left)}")
                 t_last, steps_since, wait_since = time.time(), 0, 0.0
             if self.step % cfg.logging.eval_interval == 0 or self.step == cfg.optim.train_steps:
                 val = self.evaluate()

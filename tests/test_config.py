@@ -74,7 +74,7 @@ def test_bad_override_names_the_key(tmp_path):
 
 @pytest.mark.parametrize("data,key", [
     ({"model": {"hidden_size": 100, "num_attention_heads": 3}}, "model.hidden_size"),
-    ({"optim": {"micro_batch_size": 3, "global_batch_size": 8}}, "optim.global_batch_size"),
+    ({"optim": {"global_batch_size": 0}}, "optim.global_batch_size"),   # micro_batch_size is a maximum: 3 and 8 resolve
     ({"parallel": {"tensor_parallel": 3}, "model": {"num_attention_heads": 4}}, "parallel.tensor_parallel"),
     ({"parallel": {"zero_stage": 5}}, "parallel.zero_stage"),
     ({"parallel": {"zero_stage": 0}}, "parallel.zero_stage"),
@@ -107,8 +107,34 @@ def test_world_size_must_fit_the_layout():
     validate_world(cfg, 4)
     with pytest.raises(ConfigError, match="not divisible by tensor_parallel"):
         validate_world(cfg, 3)
-    with pytest.raises(ConfigError, match="global_batch_size"):
-        validate_world(cfg, 8)   # dp=4: 8 % (4*4) != 0
+    with pytest.raises(ConfigError, match=r"optim.global_batch_size: 8 sequences do not split over 3 data-parallel "
+                                          r"ranks .*it splits at 2, 4, 8, 16 processes"):
+        validate_world(cfg, 6, unit="processes")   # dp=3
+
+
+@pytest.mark.parametrize("world,micro,global_batch,want", [
+    (1, 8, 32, (1, 8, 4)),      # micro-batch 8, 4 accumulation steps
+    (4, 8, 32, (4, 8, 1)),
+    (8, 8, 32, (8, 4, 1)),      # the share of 4 per rank caps the micro-batch
+    (2, 8, 12, (2, 6, 1)),
+    (2, 4, 12, (2, 3, 2)),      # the largest divisor of the share 6 that is <= 4
+    (1, 5, 7, (1, 1, 7)),       # a prime share: micro-batches of 1
+])
+def test_the_global_batch_is_the_contract_and_the_micro_batch_a_maximum(world, micro, global_batch, want):
+    cfg = config_from_dict({"optim": {"micro_batch_size": micro, "global_batch_size": global_batch}})
+    b = validate_world(cfg, world)
+    assert (b.data_parallel, b.micro_batch_size, b.grad_accum) == want
+    assert b.micro_batch_size * b.grad_accum * b.data_parallel == global_batch
+    assert "global batch" in b.describe()
+
+
+def test_a_global_batch_that_cannot_split_names_the_node_counts_that_work():
+    cfg = config_from_dict({"optim": {"micro_batch_size": 16, "global_batch_size": 48}})
+    with pytest.raises(ConfigError) as e:
+        validate_world(cfg, 5 * 8, "c.yaml", tasks_per_unit=8)
+    msg = str(e.value)
+    assert msg.startswith("c.yaml: optim.global_batch_size: 48 sequences do not split over 40 data-parallel ranks")
+    assert "it splits at 1, 2, 3, 6 nodes of 8 tasks each" in msg
 
 
 def test_virtual_pipeline_layout_is_checked_with_the_values():
@@ -121,27 +147,27 @@ def test_virtual_pipeline_layout_is_checked_with_the_values():
     assert cfg.parallel.virtual_pipeline == 2 and config_from_dict({}).parallel.virtual_pipeline == 1
 
 
-@pytest.mark.parametrize("world,micro,global_batch,ok", [
-    (2, 4, 8, True),      # PP=2, DP=1: 2 micro-batches per step
-    (2, 4, 16, True),     # 4
-    (2, 4, 4, False),     # 1 < PP: megatron's interleaved schedule raises ValueError
-    (2, 4, 12, False),    # 3: a last group of 1 < PP micro-batches, RuntimeError in megatron
-    (4, 4, 16, True),     # DP=2: 2 per data-parallel rank
-    (4, 4, 8, False),     # DP=2: 1 per rank
+@pytest.mark.parametrize("world,micro,global_batch,want", [
+    (2, 4, 8, (4, 2)),      # PP=2, DP=1: 2 micro-batches per step
+    (2, 4, 16, (4, 4)),
+    (2, 4, 4, (2, 2)),      # 1 micro-batch of 4 < PP (megatron's interleaved schedule raises): 2 of 2
+    (2, 4, 12, (3, 4)),     # 3 of 4 would leave a last group of 1 < PP (RuntimeError in megatron): 4 of 3
+    (4, 4, 16, (4, 2)),     # DP=2: 2 per data-parallel rank
+    (4, 4, 8, (2, 2)),      # DP=2: a share of 4 per rank, 2 micro-batches of 2
+    (4, 4, 2, None),        # a share of 1 per rank cannot make 2 micro-batches
 ])
-def test_virtual_pipeline_needs_micro_batches_in_multiples_of_the_pipeline_size(world, micro, global_batch, ok):
+def test_virtual_pipeline_needs_micro_batches_in_multiples_of_the_pipeline_size(world, micro, global_batch, want):
     cfg = config_from_dict({"parallel": {"pipeline_parallel": 2, "virtual_pipeline": 2}, "model": {"num_layers": 4},
                             "optim": {"micro_batch_size": micro, "global_batch_size": global_batch}})
-    if ok:
-        validate_world(cfg, world)
+    if want is not None:
+        b = validate_world(cfg, world)
+        assert (b.micro_batch_size, b.grad_accum) == want and b.grad_accum % 2 == 0
         return
     with pytest.raises(ConfigError) as e:
         validate_world(cfg, world)
-    gas = global_batch // (micro * (world // 2))
-    assert "parallel.virtual_pipeline" in str(e.value)
-    assert f"= {gas}, to be a multiple of parallel.pipeline_parallel=2" in str(e.value)
+    assert "cannot be cut into a multiple of parallel.pipeline_parallel=2 micro-batches" in str(e.value)
     cfg.parallel.virtual_pipeline = 1      # the 1F1B schedule takes any number of micro-batches
-    validate_world(cfg, world)
+    assert validate_world(cfg, world).micro_batch_size == 1
 
 
 def test_submit_rejects_bad_config_before_launching(tmp_path):

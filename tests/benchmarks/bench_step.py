@@ -86,7 +86,7 @@ def main() -> None:
     trainer = Trainer(cfg, tmp)
     trainer.setup()
     info = trainer.info
-    n, gb, mb = cfg.model.seq_len, cfg.optim.global_batch_size, cfg.optim.micro_batch_size
+    n, gb, mb = cfg.model.seq_len, cfg.optim.global_batch_size, trainer.batch.micro_batch_size
     batches = iter(trainer.train_loader)
 
     plain = None
