@@ -156,22 +156,26 @@ def activation_bytes_per_layer(cfg: Config, micro: int, compute_bytes: int, reco
         seq_terms += 2 * 4 * sbh + 2 * 4 * sbh
     if m.dropout > 0:                     # dropout masks after attention and MLP (bool)
         seq_terms += 2 * sbh
-    # q, k, v, attention output (+ its log-sum-exp), proj input; fc1 output (GELU input), GELU output
-    tp_terms = 4 * c * sbh + c * sbh + 2 * c * s * b * f
+    # the qkv output (v, a view of it, keeps all of it), q and k after RoPE, the attention output (+ its
+    # log-sum-exp) and its [s, b, h] copy that the projection saves; fc1 output (GELU input), GELU output
+    rope = m.position_embedding == "rope"
+    tp_terms = (3 + (2 if rope else 0) + 2) * c * sbh + 2 * c * s * b * f
     if recompute == "selective":          # megatron recomputes core attention: its output is not kept
         tp_terms -= c * sbh
     return seq_terms / seq_div + tp_terms / t
 
 
-def vocab_projection_bytes(cfg: Config, micro: int, compute_bytes: int, masked_fraction: float = 1.0) -> float:
-    """The output layer at masked positions: logits (compute dtype), their fp32 copy under autocast, and the
-    vocab-parallel cross-entropy's saved softmax (fp32), over this rank's vocabulary shard."""
+def vocab_projection_bytes(cfg: Config, micro: int, compute_bytes: int, masked_fraction: float = 1.0,
+                           transient: bool = True) -> float:
+    """The output layer at masked positions, over this rank's vocabulary shard: the vocab-parallel
+    cross-entropy saves an fp32 softmax (the fp32 copy of bf16 logits is made in place of them), and in
+    backward the logits' gradient exists beside it (`transient`); plus the final hidden states gathered
+    over SP before the projection and their masked selection (fp32)."""
     m, p = cfg.model, cfg.parallel
     pad_to = math.lcm(m.make_vocab_size_divisible_by, p.tensor_parallel)
     v_local = round_up(m.vocab_size, pad_to) // p.tensor_parallel
     n = masked_fraction * micro * m.seq_len
-    per = compute_bytes + (4 if compute_bytes != 4 else 0) + 4 + 4     # logits, fp32 copy, exp, softmax/grad
-    # the final hidden states gathered over SP before the projection, and their masked selection
+    per = 4 + (4 if transient else 0)
     return n * v_local * per + 2 * 4 * micro * m.seq_len * m.hidden_size
 
 
