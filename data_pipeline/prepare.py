@@ -226,6 +226,7 @@ def write_splits(items: Iterable[tuple[str, Any]], out_dir: str | os.PathLike, s
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     final = Path(out_dir)
     _check_output(final)
+    _clean_stale_partials(final, log)
     out = final.parent / f".{final.name}.partial-{os.getpid()}"   # nothing half-written is left at `final`
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -238,6 +239,28 @@ def write_splits(items: Iterable[tuple[str, Any]], out_dir: str | os.PathLike, s
         raise
     log(f"wrote {final} in {time.perf_counter() - t0:.2f}s")
     return manifest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale_partials(final: Path, log) -> None:
+    """A prepare killed mid-way (SIGKILL, OOM) leaves .NAME.partial-PID behind; remove those whose PID is
+    no longer running (a live PID may be another prepare writing the same output right now)."""
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.glob(f".{final.name}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            log(f"removed {p}: left by an interrupted prepare (process {pid} is gone)")
 
 
 def _write_splits(items, out: Path, seq_len, splits, tokenizer, vocab_size, eos_id, split_info, rows_mode,

@@ -32,15 +32,31 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def _bounded(kind, low, high=None, low_open=False, what=""):
+    """An argparse type: a number in [low, high] (low excluded when low_open); bad values exit 2 naming it."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if v != v or (v <= low if low_open else v < low) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return v
+    return parse
+
+
+POSITIVE = _bounded(int, 1, what="a positive integer (>= 1)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="export directory, run directory, checkpoints/ folder or step_XXXXXXXX folder")
     p.add_argument("--data", required=True, help="prepared data folder (manifest.json + <split>/ shards)")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
-    p.add_argument("--draws", type=int, default=None, help="K draws of t per row (default: the run's logging.eval_draws)")
-    p.add_argument("--steps", type=int, default=None, help="discrete-time bound with T steps (MD4 only)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit-rows", type=int, default=None, help="evaluate only the first N rows of the split")
+    p.add_argument("--draws", type=POSITIVE, default=None, help="K draws of t per row (default: the run's logging.eval_draws)")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="discrete-time bound with T steps (MD4 only)")
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
+    p.add_argument("--limit-rows", type=POSITIVE, default=None, help="evaluate only the first N rows of the split")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's run.seed)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--raw", action="store_true", help="checkpoint: the trained weights, not the EMA")
@@ -71,11 +87,11 @@ def evaluate(model, cfg, data: str | Path, split: str = "val", draws: int = 1, s
              batch_size: int = 16, limit_rows: int | None = None, seed: int | None = None, rank: int = 0,
              world: int = 1, progress: bool = False, device: torch.device | str = "cpu") -> dict:
     """The held-out bound of `model` (a plain denoiser) on data/split; sums reduced over `world` ranks."""
-    from data_pipeline.loader import MDSRows
+    from data_pipeline.loader import open_rows
     from model.objectives import bound_summary, heldout_nelbo, make_objective
 
     objective = make_objective(cfg, model, steps=steps)
-    rows = MDSRows(data, split)
+    rows = open_rows(data, split)   # MDS or webdataset, as the manifest says
     n = rows.num_rows if limit_rows is None else min(limit_rows, rows.num_rows)
     mine = rank_rows(n, rank, world)
     seed = cfg.run.seed if seed is None else seed

@@ -32,21 +32,37 @@ import torch  # noqa: E402
 MASK_MARK = "[MASK]"
 
 
+def _bounded(kind, low, high=None, low_open=False, what=""):
+    """An argparse type: a number in [low, high] (low excluded when low_open); bad values exit 2 naming it."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if v != v or (v <= low if low_open else v < low) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return v
+    return parse
+
+
+POSITIVE = _bounded(int, 1, what="a positive integer (>= 1)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="export directory, run directory, checkpoints/ folder or step_XXXXXXXX folder")
-    p.add_argument("--num", type=int, default=1, help="number of samples")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sampler.steps)")
+    p.add_argument("--num", type=POSITIVE, default=1, help="number of samples")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="sampling steps (default: the run's sampler.steps)")
     p.add_argument("--grid", choices=("cosine", "uniform"), default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=None)
+    p.add_argument("--temperature", type=_bounded(float, 0.0, low_open=True, what="> 0"), default=None)
     p.add_argument("--no-cache", action="store_true", help="call the network at every step")
     p.add_argument("--prefix", default=None, help="fixed text at the start")
     p.add_argument("--suffix", default=None, help="fixed text at the end")
     p.add_argument("--infill", default=None, help=f"text with {MASK_MARK} gaps to fill (at the start of the sample)")
-    p.add_argument("--infill-len", type=int, default=8, help=f"tokens per {MASK_MARK} gap")
-    p.add_argument("--length", type=int, default=None, help="tokens per sample; > seq_len uses the sliding window")
-    p.add_argument("--stride", type=int, default=None, help="new tokens per window (default seq_len // 2)")
+    p.add_argument("--infill-len", type=POSITIVE, default=8, help=f"tokens per {MASK_MARK} gap")
+    p.add_argument("--length", type=POSITIVE, default=None, help="tokens per sample; > seq_len uses the sliding window")
+    p.add_argument("--stride", type=POSITIVE, default=None, help="new tokens per window (default seq_len // 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the samples here (text file, or .png for pixel data)")
     which = p.add_mutually_exclusive_group()
@@ -164,6 +180,9 @@ def main(argv=None) -> int:
     sc = cfg.sampler
     pixels = cfg.data.tokenizer == "pixels"
     length = a.length or cfg.model.seq_len
+    if a.stride is not None and a.stride > cfg.model.seq_len:
+        print(f"error: --stride {a.stride}: must be at most the model's seq_len ({cfg.model.seq_len})", file=sys.stderr)
+        return 2
     codec = Codec(cfg.data.tokenizer)
     try:
         given = build_given(codec, length, cfg.model.vocab_size, a.prefix, a.suffix, a.infill, a.infill_len)

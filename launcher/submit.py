@@ -39,13 +39,24 @@ CODE_DIRS = ("launcher", "model", "data_pipeline", "configs", "cluster")
 FROZEN_SECTIONS = ("model", "diffusion")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of --local / --nodes: a whole number >= 1 (bad values exit 2 with a message)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config under configs/")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--local", type=_positive, metavar="N", help="run N processes on this machine (submitit local)")
-    where.add_argument("--nodes", type=_positive, help="SLURM nodes")
+    where.add_argument("--local", type=positive_int, metavar="N", help="run N processes on this machine (submitit local)")
+    where.add_argument("--nodes", type=positive_int, help="SLURM nodes")
     p.add_argument("--gpu", default=None, help="the GPU model of the capacity plan (launcher/plan.py --gpu; "
                    "default H100-80GB on GPU clusters)")
     p.add_argument("--cluster", metavar="NAME", help="SLURM cluster profile cluster/profiles/NAME.yaml (or a path)")
@@ -64,16 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     wait.add_argument("--wait", action="store_true", help="SLURM: wait for the job's result (default for --local)")
     wait.add_argument("--no-wait", action="store_true", help="return after submission (default for SLURM)")
     return p.parse_args(argv)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def code_version() -> str:
@@ -100,11 +101,47 @@ def snapshot_code(run_dir: Path) -> Path:
     return dest
 
 
-def prepare_run_dir(cfg, config_path: str) -> Path:
+def check_resume_layout(cfg, run_dir: Path, world: int | None, config_path: str) -> None:
+    """Refuse, before the run directory is touched, a resume at another layout than the newest checkpoint's
+    (the job would refuse it too, but only after config.yaml was rewritten)."""
+    import yaml
+
+    latest = run_dir / "checkpoints" / "latest"
+    if world is None or not latest.is_file():
+        return
+    tag_dir = run_dir / "checkpoints" / latest.read_text().strip()
+    if not (tag_dir / "config.yaml").is_file():
+        return
+    saved = (yaml.safe_load((tag_dir / "config.yaml").read_text()) or {}).get("parallel", {}) or {}
+    p = cfg.parallel
+    ranks = len(list(tag_dir.glob("extra_rank*.pt"))) or world
+    then = (saved.get("tensor_parallel", p.tensor_parallel), saved.get("pipeline_parallel", p.pipeline_parallel),
+            saved.get("virtual_pipeline", 1), saved.get("zero_stage", p.zero_stage), ranks)
+    now = (p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, p.zero_stage, world)
+    if then != now:
+        fmt = "TP={}, PP={}, VPP={}, ZeRO-{} on {} ranks"
+        raise ConfigError(f"{config_path}: run directory {run_dir}: its newest checkpoint {tag_dir} was written at "
+                          f"{fmt.format(*then)}; this submission asks for {fmt.format(*now)}. A checkpoint resumes only "
+                          f"at its own layout: resubmit with that layout, or export it (python launcher/export.py "
+                          f"{tag_dir} --out EXPORT) and start a new run.name with checkpoint.init_from=EXPORT")
+
+
+def check_run_lock(cfg) -> None:
+    """One job per run directory: refuse (exit 2) while another job holds RUN_DIR/run.lock, naming it."""
+    from launcher.runlock import RunLocked, check_free
+
+    try:
+        check_free(cfg.run_dir.resolve())
+    except RunLocked as e:
+        raise ConfigError(str(e)) from None
+
+
+def prepare_run_dir(cfg, config_path: str, world: int | None = None) -> Path:
     import yaml
 
     run_dir = cfg.run_dir.resolve()
     saved = run_dir / "config.yaml"
+    check_resume_layout(cfg, run_dir, world, config_path)
     if saved.is_file():
         old = yaml.safe_load(saved.read_text())
         new = cfg.to_dict()
@@ -121,6 +158,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if not args.dry_run:
+            check_run_lock(cfg)
         if args.local is not None:
             world, per_unit, unit, gpus = args.local, None, "processes (--local N)", 0
         else:
@@ -175,7 +214,11 @@ def main(argv=None) -> int:
             print(f"# local run: {args.local} processes through submitit's LocalExecutor")
         return 0
 
-    run_dir = prepare_run_dir(cfg, args.config)
+    try:
+        run_dir = prepare_run_dir(cfg, args.config, world)
+    except ConfigError as e:      # a resume with a changed model/diffusion section or layout: nothing touched
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     code = snapshot_code(run_dir)
     # the job imports the snapshot, not the checkout
     os.environ["PYTHONPATH"] = os.pathsep.join([str(code)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])

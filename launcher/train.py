@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -281,7 +282,60 @@ class Trainer:
         self.tokens_seen = int(client["tokens_seen"])
         self.train_loader.load_state_dict(extra["loader"])
         checkpoint.set_rng_state(extra["rng"])
+        self._apply_optim_settings(self.ckpt_root / tag)
+        self._truncate_metrics()
         self.log(f"resumed from {self.ckpt_root / tag} at step {self.step}")
+
+    def _truncate_metrics(self) -> None:
+        """metrics.jsonl keeps only the records up to the resumed step: the steps a crashed job ran past its
+        last checkpoint are run again and must not appear twice."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.info.is_main or not path.is_file():
+            return
+        keep, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:        # a line torn by the crash
+                dropped += 1
+                continue
+            if int(rec.get("step", 0)) <= self.step:
+                keep.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(l + "\n" for l in keep))
+            os.replace(tmp, path)
+            self.log(f"metrics.jsonl: dropped {dropped} record(s) past the resumed step {self.step}")
+
+    def _apply_optim_settings(self, tag_dir: Path) -> None:
+        """Resume applies this config's optim settings, not the checkpoint's: the optimizer state loaded
+        from the checkpoint carries the old lr / betas / weight decay and the scheduler the old base lr;
+        both are reset from cfg.optim and the LR schedule is re-derived from it at the resumed step
+        (grad_clip comes from the DeepSpeed config, built from this config). Says which settings changed."""
+        import yaml
+
+        o = self.cfg.optim
+        then = {}
+        if (tag_dir / "config.yaml").is_file():
+            then = (yaml.safe_load((tag_dir / "config.yaml").read_text()) or {}).get("optim", {}) or {}
+        now = dataclasses.asdict(o)
+        changed = [f"optim.{k}: {then[k]!r} -> {v!r}" for k, v in now.items() if k in then and then[k] != v]
+        if changed:
+            self.log("resuming with changed settings (applied from this config; LR schedule re-derived): "
+                     + ", ".join(changed))
+        sched = self.scheduler
+        groups = sched.optimizer.param_groups
+        sched.base_lrs = [o.lr for _ in groups]
+        sched.lr_lambdas = [lr_lambda(self.cfg) for _ in groups]
+        for i, g in enumerate(groups):
+            g["lr"] = o.lr * sched.lr_lambdas[i](sched.last_epoch)
+            g["initial_lr"] = o.lr
+            g["betas"] = (o.beta1, o.beta2)
+            if i == 0:                     # the decayed group (build_optimizer)
+                g["weight_decay"] = o.weight_decay
+        sched._last_lr = [g["lr"] for g in groups]
 
     def _check_layout(self, tag_dir: Path) -> None:
         """A checkpoint resumes only at the layout that wrote it (DeepSpeed's model and ZeRO shards are per
@@ -677,10 +731,26 @@ class Trainer:
         return result if info.is_main else None
 
 
+def _take_run_lock(run_dir: Path):
+    """Global rank 0 holds RUN_DIR/run.lock for the whole job (launcher/runlock.py)."""
+    try:
+        import submitit
+
+        rank = submitit.JobEnvironment().global_rank
+    except Exception:      # not under submitit (torchrun / srun entry)
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank != 0:
+        return None
+    from launcher.runlock import acquire
+
+    return acquire(run_dir)
+
+
 def train_main(run_dir: str) -> dict | None:
     """Entry point of one rank; the resolved config is read from the run directory."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
+    lock = _take_run_lock(run_dir)   # noqa: F841  (held until this process ends)
     trainer = Trainer(cfg, run_dir)
     try:
         trainer.setup()
