@@ -87,7 +87,7 @@ def test_the_cpu_demo_resolves_locally(procs, capsys):
     rc = submit.main(["--local", str(procs), "--dry-run", str(REPO / "configs" / "md4_tiny.yaml")])
     out = capsys.readouterr().out
     assert rc == 0 and "CPU processes of this machine" in out
-    assert f"micro-batch 8 x gradient accumulation {2 // procs} x data-parallel {procs}" in out
+    assert f"micro-batch {16 // procs} x gradient accumulation 1 x data-parallel {procs}" in out
 
 
 @pytest.mark.parametrize("flag", [["--local", "0"], ["--local", "-1"], ["--nodes", "0"]])
