@@ -286,6 +286,7 @@ def test_resuming_at_another_layout_is_refused_with_the_way_to_do_it(tp2_run, tm
     shutil.copytree(tp2_run["run"], tmp_path / "runs" / "tp2")       # a copy: the fixture's run stays as it is
     out = submit(tmp_path, data_dir, *[o for o in FP32_TP2 if not o.startswith("parallel.tensor_parallel")],
                  "optim.train_steps=5", procs=1, check=False)
-    logs = "".join(p.read_text() for p in (tmp_path / "runs" / "tp2" / "submitit").glob("*_log.*"))
-    assert out.returncode != 0
-    assert "was written at TP=2, PP=1, ZeRO-1 on 2 ranks" in logs and "checkpoint.init_from" in logs, logs[-2000:]
+    # refused by submit.py before the run directory is touched (issue 15), with the export route
+    assert out.returncode == 2, (out.stdout[-2000:], out.stderr[-2000:])
+    assert "was written at TP=2, PP=1, VPP=1, ZeRO-1 on 2 ranks" in out.stderr, out.stderr
+    assert "checkpoint.init_from" in out.stderr and "launcher/export.py" in out.stderr
