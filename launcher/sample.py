@@ -32,20 +32,7 @@ import torch  # noqa: E402
 MASK_MARK = "[MASK]"
 
 
-def _bounded(kind, low, high=None, low_open=False, what=""):
-    """An argparse type: a number in [low, high] (low excluded when low_open); bad values exit 2 naming it."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if v != v or (v <= low if low_open else v < low) or (high is not None and v > high):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
-        return v
-    return parse
-
-
-POSITIVE = _bounded(int, 1, what="a positive integer (>= 1)")
+from launcher.argtypes import POSITIVE, bounded as _bounded  # noqa: E402
 
 
 def parse_args(argv=None):
