@@ -21,4 +21,4 @@ demo: env
 	bash launcher/demo.sh
 
 test: env
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 tests $(PYTEST_ARGS)

@@ -108,7 +108,8 @@ def test_preempted_twice_requeued_and_same_losses(slurm_cluster, tmp_path, data_
         proc.kill()
         pytest.fail(f"submit.py printed no job id: {first}{proc.stdout.read()}", pytrace=False)
     job_id = m.group(1)
-    second = proc.stdout.readline()   # read it here: communicate() with a timeout bypasses this buffer
+    # read the header here (communicate() with a timeout bypasses this buffer): batch/precision, tensorboard
+    second = proc.stdout.readline() + proc.stdout.readline()
 
     def report() -> str:
         return (f"job {job_id} state {_job_state(job_id)}\n----- rank 0 log -----\n"
