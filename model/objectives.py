@@ -60,15 +60,22 @@ class Objective:
     def noise_streams(self, train: bool) -> int:
         return 1
 
-    def prepare(self, x0, u, noise, train: bool = True):
+    def prepare(self, x0, u, noise, train: bool = True, maskable=None):
+        """maskable [B, N] bool (None = every position): only these positions are ever masked, so the bound
+        is one on -log p(x0[maskable] | x0[~maskable]) (a continuation given its context)."""
         raise NotImplementedError
 
     def finish(self, out, ctx):
         raise NotImplementedError
 
-    def loss(self, forward: Callable, x0, u, noise, train: bool = True):
-        inputs, ctx = self.prepare(x0, u, noise, train)
+    def loss(self, forward: Callable, x0, u, noise, train: bool = True, maskable=None):
+        inputs, ctx = self.prepare(x0, u, noise, train, maskable)
         return self.finish(forward(**inputs), ctx)
+
+    def masked_inputs(self, x0, maskable):
+        """Model kwargs for the logits [B, N, V] with every maskable position masked, at t = 1."""
+        ids = torch.where(maskable.to(x0.device), torch.full_like(x0, self.mask_id), x0)
+        return self._inputs({"input_ids": ids}, torch.ones(x0.shape[0], dtype=torch.float64))
 
 
 class MD4Objective(Objective):
@@ -79,24 +86,26 @@ class MD4Objective(Objective):
         super().__init__(vocab_size)
         self.schedule, self.steps = schedule, steps
 
-    def prepare(self, x0, u, noise, train=True):
+    def prepare(self, x0, u, noise, train=True, maskable=None):
         u = u.to(torch.float64)
         if self.steps is not None:     # discrete time: i ~ U{1..T}, t(i) = i / T
             i = discrete_steps(u, self.steps)
             t = i.to(torch.float64) / self.steps
         else:
             i, t = None, u
-        xt, masked = corrupt(x0, t.to(x0.device), noise[:, 0].to(x0.device), self.schedule, mask_id=self.mask_id)
-        return self._inputs({"input_ids": xt, "labels": x0, "loss_mask": masked}, t), (masked, t, i)
+        xt, masked = corrupt(x0, t.to(x0.device), noise[:, 0].to(x0.device), self.schedule, mask_id=self.mask_id,
+                             maskable=maskable)
+        return self._inputs({"input_ids": xt, "labels": x0, "loss_mask": masked}, t), (masked, t, i, maskable)
 
     def finish(self, nll, ctx):
-        masked, t, i = ctx
+        masked, t, i, maskable = ctx
         masked = masked.to(nll.device)
         if self.steps is not None:
             loss = discrete_loss_from_nll(nll.float(), masked, i.to(nll.device), self.steps, self.schedule,
-                                          self.vocab_size)
+                                          self.vocab_size, maskable)
         else:
-            loss = continuous_loss_from_nll(nll.float(), masked, t.to(nll.device), self.schedule, self.vocab_size)
+            loss = continuous_loss_from_nll(nll.float(), masked, t.to(nll.device), self.schedule, self.vocab_size,
+                                            maskable)
         return loss, loss.detach()
 
 
@@ -114,23 +123,29 @@ class PrimeObjective(Objective):
     def noise_streams(self, train: bool) -> int:
         return self.l
 
-    def prepare(self, x0, u, noise, train=True):
+    def prepare(self, x0, u, noise, train=True, maskable=None):
         from model.diffusion.prime import corrupt_subtokens, token_digits
         y0 = token_digits(x0, self.b, self.l)                                  # [B, N, l]
         t = u.to(torch.float64)
         y_t, masked = corrupt_subtokens(y0, t.to(x0.device), noise.transpose(1, 2).to(x0.device), self.schedule,
-                                        self.b)
-        return self._inputs({"input_ids": y_t}, t), (y_t, y0, masked, t)
+                                        self.b, maskable)
+        return self._inputs({"input_ids": y_t}, t), (y_t, y0, masked, t, maskable)
 
     def finish(self, logits, ctx):
         from model.diffusion.prime import digit_nll, prime_loss_from_digit_nll
-        y_t, y0, masked, t = ctx
+        y_t, y0, masked, t, maskable = ctx
         group, rank = _vocab_group()
         dev = logits.device
         nll = digit_nll(logits, y_t.to(dev), y0.to(dev), self.b, self.vocab_size,
                         vocab_start=rank * logits.shape[-1], group=group)
-        loss = prime_loss_from_digit_nll(nll, masked.to(dev), t.to(dev), self.schedule, self.b)
+        loss = prime_loss_from_digit_nll(nll, masked.to(dev), t.to(dev), self.schedule, self.b, maskable)
         return loss, loss.detach()
+
+    def masked_inputs(self, x0, maskable):
+        from model.diffusion.prime import token_digits
+        y = token_digits(x0, self.b, self.l)
+        y = torch.where(maskable.to(x0.device)[..., None], torch.full_like(y, self.b), y)
+        return self._inputs({"input_ids": y}, torch.ones(x0.shape[0], dtype=torch.float64))
 
 
 class GenMD4Objective(Objective):
@@ -146,7 +161,7 @@ class GenMD4Objective(Objective):
     def noise_streams(self, train: bool) -> int:
         return 4 if train else 2
 
-    def prepare(self, x0, u, noise, train=True):
+    def prepare(self, x0, u, noise, train=True, maskable=None):
         sched = self._schedule()
         B = x0.shape[0]
         t = sched.times(u.to(torch.float64)).to(x0.device)
@@ -155,14 +170,15 @@ class GenMD4Objective(Objective):
         ids, masks, times = [], [], []
         for d in range(draws):
             for k, tt in ((d, t), (draws + d, t1)):
-                xt, m = sched.corrupt(x0, tt, noise[:, k].to(x0.device), self.mask_id)
+                xt, m = sched.corrupt(x0, tt, noise[:, k].to(x0.device), self.mask_id, maskable)
                 ids.append(xt), masks.append(m), times.append(tt)
         # one forward over [2*draws*B, N]: per draw the rows at t, then at t1
-        return self._inputs({"input_ids": torch.cat(ids)}, torch.cat(times)), (x0, masks, times, draws, B)
+        return (self._inputs({"input_ids": torch.cat(ids)}, torch.cat(times)),
+                (x0, masks, times, draws, B, maskable))
 
     def finish(self, logits, ctx):
         from model.diffusion.genmd4 import reinforce_loo
-        x0, masks, times, draws, B = ctx
+        x0, masks, times, draws, B, maskable = ctx
         sched = self._schedule()
         dev = logits.device
         x0 = x0.to(dev)
@@ -181,7 +197,7 @@ class GenMD4Objective(Objective):
             per_tok = (expected_w[sl_t] - wi + wi * nll[sl_t]) / t.to(nll.dtype)[:, None]
             L = (1.0 - sched.t1) * (per_tok * m_t.to(per_tok.dtype)).sum(1)
             L = L + (nll[sl_r] * m_r.to(nll.dtype)).sum(1)
-            log_q = sched.log_q(x0, m_t, t) + sched.log_q(x0, m_r, times[k_r].to(dev))
+            log_q = sched.log_q(x0, m_t, t, maskable) + sched.log_q(x0, m_r, times[k_r].to(dev), maskable)
             per_draw.append((L, log_q))
         if draws == 1:
             L = per_draw[0][0]
@@ -268,13 +284,15 @@ def row_noise(rows: torch.Tensor, draw: int, num_draws: int, seed: int, streams:
 
 
 @torch.no_grad()
-def heldout_nelbo(forward: Callable, objective: Objective, x0: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
-    """Per-row negative ELBO in nats [B] float64, averaged over K = draws antithetic draws."""
+def heldout_nelbo(forward: Callable, objective: Objective, x0: torch.Tensor, draws: int, seed: int,
+                  maskable: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row negative ELBO in nats [B] float64, averaged over K = draws antithetic draws.
+    maskable [B, N] (None = all): the bound on -log p(x0[maskable] | x0[~maskable]) (Objective.prepare)."""
     per_row = torch.zeros(x0.shape[0], dtype=torch.float64)
     streams = objective.noise_streams(train=False)
     for k in range(draws):
         u, noise = row_noise(x0, k, draws, seed, streams)
-        _, nelbo = objective.loss(forward, x0, u, noise, train=False)
+        _, nelbo = objective.loss(forward, x0, u, noise, train=False, maskable=maskable)
         per_row += nelbo.double().cpu()
     return per_row / draws
 

@@ -48,17 +48,25 @@ class GenMD4Schedule(nn.Module):
         """Map u in [0, 1) (e.g. antithetic) to t in [t1, 1)."""
         return self.t1 + (1.0 - self.t1) * u
 
-    def corrupt(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, mask_id: int):
+    def corrupt(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, mask_id: int,
+                maskable: torch.Tensor | None = None):
+        """(x_t, masked [B, N]); maskable [B, N] (None = all): the other positions are never masked."""
         masked = noise.to(torch.float64) < self.mask_prob(x0, t).detach().to(torch.float64)
+        if maskable is not None:
+            masked = masked & maskable.to(masked.device)
         return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
-    def log_q(self, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """log q(x_t | x0) per sequence [B], differentiable in w."""
+    def log_q(self, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
+              maskable: torch.Tensor | None = None) -> torch.Tensor:
+        """log q(x_t | x0) per sequence [B], differentiable in w (over the maskable positions: all by default)."""
         wx = self.w[x0]
         logt = torch.log(t.to(wx.dtype))[:, None]
         lm = math.log(1.0 - self.eps) + wx * logt
         lu = torch.log1p(-(1.0 - self.eps) * torch.exp(wx * logt))
-        return torch.where(masked, lm, lu).sum(dim=1)
+        per_pos = torch.where(masked, lm, lu)
+        if maskable is not None:
+            per_pos = per_pos * maskable.to(per_pos.device).to(per_pos.dtype)
+        return per_pos.sum(dim=1)
 
 
 def genmd4_loss_from_logits(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,

@@ -19,32 +19,47 @@ def antithetic_times(u: torch.Tensor | float, index: torch.Tensor, total: int) -
 
 
 def corrupt(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: Schedule,
-            mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+            mask_id: int, maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask each token independently with probability 1 - alpha(t).
 
     x0: [B, N] ids; t: [B]; noise: [B, N] uniform in [0, 1). Returns (x_t, masked bool [B, N]).
+    maskable [B, N] bool (None = every position): only these positions are ever masked; the others are
+    given. The bound over the maskable positions is then one on -log p(x0[maskable] | x0[~maskable]),
+    the conditional likelihood of a continuation given its context (LLaDA's estimator).
     """
     alpha = schedule.alpha(t.to(torch.float64))[:, None]
     masked = noise.to(torch.float64) >= alpha          # P(masked) = 1 - alpha(t)
+    if maskable is not None:
+        masked = masked & maskable.to(masked.device)
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     return xt, masked
 
 
-def reconstruction_nats(num_tokens: int, vocab_size: int, schedule: Schedule) -> float:
-    """MD4's reconstruction term at t=0 (N * eps * log V, tiny); the prior term is 0."""
+def reconstruction_nats(num_tokens, vocab_size: int, schedule: Schedule):
+    """MD4's reconstruction term at t=0 (N * eps * log V, tiny); the prior term is 0. num_tokens: the
+    number of maskable tokens (an int, or a [B] tensor when they differ per sequence)."""
     return num_tokens * schedule.eps * math.log(vocab_size)
 
 
+def num_maskable(token_nll: torch.Tensor, maskable: torch.Tensor | None):
+    """N (every position maskable) or the per-sequence count of maskable positions [B] (float32)."""
+    if maskable is None:
+        return token_nll.shape[1]
+    return maskable.to(token_nll.device).float().sum(dim=1)
+
+
 def continuous_loss_from_nll(token_nll: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
-                             schedule: Schedule, vocab_size: int) -> torch.Tensor:
+                             schedule: Schedule, vocab_size: int,
+                             maskable: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence MD4 negative ELBO estimate in nats.
 
     token_nll[b, n] = -log mu_theta(x_t, t)[n][x0^n] (any value at unmasked positions).
-    L_b = w(t_b) * sum_{n masked} token_nll[b, n] + reconstruction.
+    L_b = w(t_b) * sum_{n masked} token_nll[b, n] + reconstruction (over the maskable positions: all by
+    default; see `corrupt`).
     """
     w = schedule.weight(t.to(torch.float64)).to(torch.float32)
     masked_sum = (token_nll.float() * masked.float()).sum(dim=1)
-    return w * masked_sum + reconstruction_nats(token_nll.shape[1], vocab_size, schedule)
+    return w * masked_sum + reconstruction_nats(num_maskable(token_nll, maskable), vocab_size, schedule)
 
 
 def bits_per_token(nats_per_sequence: torch.Tensor | float, num_tokens: int) -> float:
@@ -69,7 +84,8 @@ def discrete_steps(t: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def discrete_loss_from_nll(token_nll: torch.Tensor, masked: torch.Tensor, i: torch.Tensor, steps: int,
-                           schedule: Schedule, vocab_size: int) -> torch.Tensor:
+                           schedule: Schedule, vocab_size: int,
+                           maskable: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence discrete-time (T = steps) negative ELBO estimate in nats.
 
     x_t must be drawn at t = i / T. With s = (i - 1) / T:
@@ -81,7 +97,7 @@ def discrete_loss_from_nll(token_nll: torch.Tensor, masked: torch.Tensor, i: tor
     a_t, a_s = schedule.alpha(t), schedule.alpha(s)
     coef = (steps * (a_s - a_t) / (1.0 - a_t)).to(torch.float32)
     masked_sum = (token_nll.float() * masked.float()).sum(dim=1)
-    return coef * masked_sum + reconstruction_nats(token_nll.shape[1], vocab_size, schedule)
+    return coef * masked_sum + reconstruction_nats(num_maskable(token_nll, maskable), vocab_size, schedule)
 
 
 def perplexity(nats_per_sequence: torch.Tensor | float, num_tokens: int) -> float:

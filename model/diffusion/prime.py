@@ -50,10 +50,13 @@ def digits_to_tokens(y: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def corrupt_subtokens(y0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: Schedule,
-                      b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask each digit independently with probability 1 - alpha(t). y0, noise: [B, N, l]; t: [B]."""
+                      b: int, maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each digit independently with probability 1 - alpha(t). y0, noise: [B, N, l]; t: [B].
+    maskable [B, N] (None = all): the digits of the other positions are never masked (md4.corrupt)."""
     alpha = schedule.alpha(t.to(torch.float64))[:, None, None]
     masked = noise.to(torch.float64) >= alpha
+    if maskable is not None:
+        masked = masked & maskable.to(masked.device)[..., None]
     return torch.where(masked, torch.full_like(y0, b), y0), masked
 
 
@@ -175,18 +178,20 @@ def digit_nll(logits: torch.Tensor, y_t: torch.Tensor, y0: torch.Tensor, b: int,
     return -marg.gather(-1, y0.long()[..., None]).squeeze(-1)
 
 
-def prime_reconstruction_nats(num_tokens: int, l: int, b: int, schedule: Schedule) -> float:
-    """MD4's reconstruction term for N * l sub-tokens of b values."""
+def prime_reconstruction_nats(num_tokens, l: int, b: int, schedule: Schedule):
+    """MD4's reconstruction term for N * l sub-tokens of b values (num_tokens: int or [B])."""
     return reconstruction_nats(num_tokens * l, b, schedule)
 
 
 def prime_loss_from_digit_nll(digit_nll_: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
-                              schedule: Schedule, b: int) -> torch.Tensor:
-    """Per-sequence VALID Prime negative ELBO (nats): w(t) * sum over masked digits of digit NLL + recon."""
+                              schedule: Schedule, b: int, maskable: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence VALID Prime negative ELBO (nats): w(t) * sum over masked digits of digit NLL + recon
+    (over the digits of the maskable positions: all by default)."""
+    from .md4 import num_maskable
     w = schedule.weight(t.to(torch.float64)).to(torch.float32)
     masked_sum = (digit_nll_.float() * masked.float()).flatten(1).sum(dim=1)
-    N, l = digit_nll_.shape[1], digit_nll_.shape[2]
-    return w * masked_sum + prime_reconstruction_nats(N, l, b, schedule)
+    l = digit_nll_.shape[2]
+    return w * masked_sum + prime_reconstruction_nats(num_maskable(digit_nll_[..., 0], maskable), l, b, schedule)
 
 
 def prime_elbo(denoiser, x0: torch.Tensor, schedule: Schedule, vocab_size: int, l: int, *, draws: int = 1,
