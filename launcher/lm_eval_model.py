@@ -10,10 +10,11 @@ models (its registry holds only the names in lm_eval/models/__init__.py and what
 
 model_args: path (an export directory of launcher/export.py, or a run / checkpoint directory as
 launcher/evaluate.py takes), draws (K >= 1 Monte Carlo draws of t per window, default 1), batch_size (windows
-per forward, default 16; lm-eval's --batch_size is used when model_args has none), seed (the noise seed,
+per forward; without it lm-eval's --batch_size, which is 1 unless given; 16 for auto or none at all), seed (the noise seed,
 default the run's run.seed, as evaluate.py), steps (sampler steps for generate_until, default the run's
 sampler.steps), max_gen_toks (default 256), weights (raw | ema, for checkpoints), device (default cuda if
-available).
+available; lm-eval's --device is used when model_args has none, cpu when it names CUDA and there is none).
+lm-eval's max_batch_size is accepted and not used.
 
 THE NUMBERS ARE BOUNDS, NOT EXACT LOG-LIKELIHOODS. A masked-diffusion model has no tractable
 log p(continuation | context); what it has is the negative ELBO, an upper bound on -log p:
@@ -131,6 +132,13 @@ class MDiffLM(TemplateLM):
         self.path = None if path is None else str(path)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI passes --device (default cuda) to every model; model_args device=... wins over it
+            import logging
+
+            logging.getLogger(__name__).warning("mdiff: device %s requested but CUDA is not available: using cpu",
+                                                device)
+            device = "cpu"
         self._device = torch.device(device)
         self.model = model.to(self._device).eval()
         self.cfg, self.meta = cfg, meta or {}
@@ -204,8 +212,23 @@ class MDiffLM(TemplateLM):
     # ----- scoring -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _score_windows(self, wins: list[tuple[list[int], int]], disable_tqdm: bool = True, desc: str = "mdiff"):
-        """[(tokens, given)] -> (negative ELBO in nats, greedy) per window; windows of equal length are batched."""
+    def _greedy(self, x0: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+        """[B] bool: every maskable token is the argmax of the logits with all maskable positions masked (t = 1).
+        Full logits are [rows, L, V]: computed for as many rows at a time as fit in 2^28 floats."""
+        rows = max(1, (1 << 28) // (x0.shape[1] * self.vocab_size))
+        out = []
+        for j in range(0, x0.shape[0], rows):
+            x, m = x0[j:j + rows], maskable[j:j + rows]
+            inputs = {k: v.to(self._device) for k, v in self.objective.masked_inputs(x, m).items()}
+            pred = self.model(**inputs)[..., : self.vocab_size].argmax(-1)
+            out.append(((pred == x) | ~m).all(-1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _score_windows(self, wins: list[tuple[list[int], int]], disable_tqdm: bool = True, desc: str = "mdiff",
+                       greedy_too: bool = True):
+        """[(tokens, given)] -> (negative ELBO in nats, greedy) per window; windows of equal length are batched.
+        greedy_too=False (rolling: lm-eval does not use it) skips the argmax pass and reports True."""
         from tqdm import tqdm
 
         from model.objectives import heldout_nelbo
@@ -223,22 +246,21 @@ class MDiffLM(TemplateLM):
             maskable = torch.arange(x0.shape[1])[None, :] >= given[:, None]
             x0, maskable = x0.to(self._device), maskable.to(self._device)
             per_row = heldout_nelbo(self.model, self.objective, x0, self.draws, self.seed, maskable=maskable)
-            logits = self.model(**{k: v.to(self._device) for k, v in
-                                   self.objective.masked_inputs(x0, maskable).items()})
-            hit = (logits[..., : self.vocab_size].argmax(-1) == x0) | ~maskable
+            hit = self._greedy(x0, maskable) if greedy_too else torch.ones(len(idx), dtype=torch.bool)
             for k, i in enumerate(idx):
                 nelbo[i] = float(per_row[k])
-                greedy[i] = bool(hit[k].all())
+                greedy[i] = bool(hit[k])
         return nelbo, greedy
 
-    def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool, desc: str):
+    def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool, desc: str,
+               greedy_too: bool = True):
         """[(context ids, continuation ids)] -> [(-bound in nats, is_greedy)]."""
         owner, wins = [], []
         for r, (ctx, cont) in enumerate(pairs):
             for w in windows(ctx, cont, self.seq_len):
                 owner.append(r)
                 wins.append(w)
-        nelbo, greedy = self._score_windows(wins, disable_tqdm, desc)
+        nelbo, greedy = self._score_windows(wins, disable_tqdm, desc, greedy_too)
         out = [[0.0, True] for _ in pairs]
         for r, b, g in zip(owner, nelbo, greedy):
             out[r][0] -= b
@@ -262,7 +284,7 @@ class MDiffLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         pairs = [([], self.tok_encode(req.args[0])) for req in requests]
-        return [ll for ll, _ in self._score(pairs, disable_tqdm, "mdiff rolling (ELBO bound)")]
+        return [ll for ll, _ in self._score(pairs, disable_tqdm, "mdiff rolling (ELBO bound)", greedy_too=False)]
 
     # ----- generation ----------------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lm_eval")
     docs = sotu_documents(REPO / "data" / "cache")
     data = tmp / "data"
-    prepare(docs[:8], data, seq_len=SEQ, val_fraction=0.25, split_seed=0, workers=1)
+    prepare(docs[:8], data, seq_len=SEQ, val_fraction=0.25, split_seed=0, workers=1, writer="webdataset")
     cfg = config_from_dict({
         "run": {"name": "lm_eval_tiny", "output_dir": str(tmp / "runs"), "seed": 1234},
         "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "seq_len": SEQ},
@@ -63,7 +63,7 @@ def world(tmp_path_factory):
     for _ in range(TRAIN_STEPS):
         idx = torch.randint(0, train.num_rows, (8,), generator=g).tolist()
         x0 = train.__getitems__(idx)
-        u = torch.remainder(torch.rand((), generator=g, dtype=torch.float64) + torch.arange(16) / 16, 1.0)
+        u = torch.remainder(torch.rand((), generator=g, dtype=torch.float64) + torch.arange(8) / 8, 1.0)
         noise = torch.rand(8, 1, SEQ, generator=g, dtype=torch.float64)
         loss, _ = objective.loss(model, x0, u, noise)
         opt.zero_grad()
@@ -249,7 +249,7 @@ def test_cli_module_runs_lm_eval_with_mdiff(world):
                           f"path={world['export']},draws=1,batch_size=4", "--tasks", "mdiff_lambada_mini",
                           "--include_path", str(world["tasks"]), "--limit", "3"],
                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    assert out.returncode == 0, f"exit {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     assert "mdiff_lambada_mini" in out.stdout and "perplexity" in out.stdout, out.stdout[-3000:]
 
 
