@@ -197,7 +197,7 @@ def test_tasks_run_through_simple_evaluate_and_rolling_equals_evaluate_py(world,
 
     res = simple_evaluate(model=lm, tasks=["mdiff_lambada_mini", "mdiff_mc_mini", "mdiff_rolling_mini",
                                            "mdiff_gen_mini"],
-                          task_manager=TaskManager(include_path=str(world["tasks"])), log_samples=True,
+                          task_manager=TaskManager(include_path=str(world["tasks"]), include_defaults=False), log_samples=True,
                           bootstrap_iters=0)
     r = res["results"]
     lam = r["mdiff_lambada_mini"]
@@ -248,7 +248,7 @@ def test_cli_module_runs_lm_eval_with_mdiff(world):
     out = subprocess.run([PY, "-m", "launcher.lm_eval", "--model", "mdiff", "--model_args",
                           f"path={world['export']},draws=1,batch_size=4", "--tasks", "mdiff_lambada_mini",
                           "--include_path", str(world["tasks"]), "--limit", "3"],
-                         cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+                         cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"exit {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     assert "mdiff_lambada_mini" in out.stdout and "perplexity" in out.stdout, out.stdout[-3000:]
 
