@@ -76,6 +76,7 @@ class DataConfig:
     shuffle: bool = True
     val_split: str = "val"
     train_split: str = "train"
+    verify_sha256: bool = True     # check every shard against the manifest before training (cached per shard)
 
 
 @dataclass

@@ -88,17 +88,13 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         if not root.is_dir():
             raise ExportError(f"{path}: no such run, checkpoints or checkpoint directory")
-        tags = checkpoint.list_complete(root)
-        tag_dir, problems = None, []
-        for tag in reversed(tags):
-            problem = checkpoint.verify(root / tag)
-            if problem is None:
-                tag_dir = root / tag
-                break
-            problems.append(problem)
-        if tag_dir is None:
-            detail = "; ".join(problems) if problems else f"no step_XXXXXXXX folder with {checkpoint.COMPLETE}"
+        tag, skipped = checkpoint.newest_verified(root)
+        if tag is None:
+            detail = "; ".join(skipped) if skipped else f"no step_XXXXXXXX folder with {checkpoint.COMPLETE}"
             raise ExportError(f"{root}: no verified checkpoint ({detail})")
+        tag_dir = root / tag
+        for why in skipped:
+            print(f"WARNING: skipping checkpoint {why}", file=sys.stderr)
     cfg_path = tag_dir.parent.parent / "config.yaml"
     if not cfg_path.is_file():
         raise ExportError(f"{cfg_path}: missing; the checkpoint {tag_dir} must sit in a run directory "
