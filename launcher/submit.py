@@ -395,7 +395,7 @@ def interrupted(job, run_dir: Path, *, local: bool, resume: str, procs: dict | N
 
 
 _EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt|Failure))(?:: (.*))?$")
-_SRUN_LINE = re.compile(r"srun: error: (\S+): tasks? ([\d,\-]+): (.+)$")
+_SRUN_LINE = re.compile(r"srun: error: (\S+): tasks? ([\d,\-]+): (.+)$", re.M)
 
 
 def last_error(text: str) -> str | None:
