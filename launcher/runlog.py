@@ -31,10 +31,14 @@ def start_wandb(run_dir: Path, cfg, extra_config: dict | None = None):
     if not run_id:
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         id_file.write_text(run_id + "\n")
-    run = wandb.init(project=wb.project, entity=wb.entity or None, name=wb.name or cfg.run.name,
-                     group=wb.group or None, tags=list(wb.tags) or None, id=run_id, resume="allow",
-                     dir=str(run_dir), mode=wb.mode, config={**cfg.to_dict(), **(extra_config or {})},
-                     settings=wandb.Settings(console="off"))
+    try:
+        run = wandb.init(project=wb.project, entity=wb.entity or None, name=wb.name or cfg.run.name,
+                         group=wb.group or None, tags=list(wb.tags) or None, id=run_id, resume="allow",
+                         dir=str(run_dir), mode=wb.mode, config={**cfg.to_dict(), **(extra_config or {})},
+                         settings=wandb.Settings(console="off"))
+    except Exception as e:   # e.g. online without credentials: say which setting asked for wandb
+        raise RuntimeError(f"logging.wandb.mode={wb.mode} (project {wb.project!r}): wandb.init failed: {e}; "
+                           "log in (`wandb login`, WANDB_API_KEY) or use logging.wandb.mode=offline") from e
     run.define_metric("step")
     run.define_metric("*", step_metric="step")
     return run
