@@ -9,7 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from test_train_e2e import data_dir, submit  # noqa: F401  (data_dir is a fixture)
+from test_train_e2e import submit
+
+VOCAB, SEQ = 64, 32
+
+
+@pytest.fixture(scope="module")
+def ids_data(tmp_path_factory):
+    """Random ids over a 64-token vocabulary, prepared in this process (a small embedding keeps the run short)."""
+    import numpy as np
+
+    from data_pipeline.prepare import prepare_tokens
+
+    out = tmp_path_factory.mktemp("data") / "ids64"
+    docs = np.random.default_rng(0).integers(0, VOCAB, size=(120, SEQ))
+    prepare_tokens([list(map(int, d)) for d in docs], out, SEQ, 0.2, tokenizer="ids64", vocab_size=VOCAB, eos_id=None)
+    return out
 
 
 def wandb_records(path: Path) -> list:
@@ -52,10 +67,11 @@ def wandb_env(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_wandb_offline_and_profiler_trace_of_a_short_run(tmp_path, data_dir, wandb_env):  # noqa: F811
+def test_wandb_offline_and_profiler_trace_of_a_short_run(tmp_path, ids_data, wandb_env):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    submit(tmp_path, data_dir, "run.name=wb", "optim.train_steps=3", "logging.wandb.project=mdiff-test",
+    submit(tmp_path, ids_data, "data.tokenizer=ids64", f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=8",
+           "run.name=wb", "optim.train_steps=3", "logging.wandb.project=mdiff-test",
            "logging.wandb.mode=offline", "logging.wandb.tags=[ci]", "logging.profile_steps=[2, 3]", procs=1)
     run = tmp_path / "runs" / "wb"
     run_id = (run / "wandb_run_id.txt").read_text().strip()
