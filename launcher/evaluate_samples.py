@@ -208,8 +208,11 @@ def load_judge(path: str | Path, dtype: str = "fp32", device: str = "cpu"):
         raise InputError(f"--judge {path}: not a directory (a local transformers causal LM is needed; nothing is "
                          "downloaded)")
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        raise InputError("--judge needs the transformers package: pip install -e '.[eval]'") from None
 
     if not (path / "config.json").is_file():
         raise InputError(f"--judge {path}: no config.json (not a transformers model directory)")

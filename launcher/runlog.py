@@ -23,9 +23,12 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 
 def start_wandb(run_dir: Path, cfg, extra_config: dict | None = None):
     """wandb.init for this run directory: the stored run id (a new one on the first start), files under run_dir."""
-    import wandb
-
     wb = cfg.logging.wandb
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError(f"logging.wandb.mode={wb.mode} needs the wandb package: pip install -e '.[eval]' "
+                           "(or set logging.wandb.mode=disabled)") from None
     id_file = Path(run_dir) / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.is_file() else ""
     if not run_id:

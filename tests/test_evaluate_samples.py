@@ -202,6 +202,9 @@ def test_bad_inputs_exit_2_naming_them(sampled, judge, tmp_path, capsys):
     png.write_bytes(b"\x89PNG\r\n")
     out = _cli(png, "--judge", judge)
     assert out.returncode == 2 and "grid.png" in out.stderr and "no text" in out.stderr
+    for flag, value in (("--batch-size", "0"), ("--max-length", "1")):
+        out = _cli(samples, "--judge", judge, flag, value)
+        assert out.returncode == 2 and f"argument {flag}: '{value}': must be" in out.stderr, out.stderr
     # a judge that is not a causal LM: the CLI's main in this process (a new process would spend most of its
     # time importing transformers)
     vit = tmp_path / "vit"
