@@ -37,8 +37,9 @@ def start_wandb(run_dir: Path, cfg, extra_config: dict | None = None):
     try:
         run = wandb.init(project=wb.project, entity=wb.entity or None, name=wb.name or cfg.run.name,
                          group=wb.group or None, tags=list(wb.tags) or None, id=run_id, resume="allow",
-                         dir=str(run_dir), mode=wb.mode, config={**cfg.to_dict(), **(extra_config or {})},
-                         settings=wandb.Settings(console="off"))
+                         dir=str(run_dir), mode=wb.mode, settings=wandb.Settings(console="off"))
+        # a resumed run may change settings (optim.lr, ...): the config shows this job's values
+        run.config.update({**cfg.to_dict(), **(extra_config or {})}, allow_val_change=True)
     except Exception as e:   # e.g. online without credentials: say which setting asked for wandb
         raise RuntimeError(f"logging.wandb.mode={wb.mode} (project {wb.project!r}): wandb.init failed: {e}; "
                            "log in (`wandb login`, WANDB_API_KEY) or use logging.wandb.mode=offline") from e

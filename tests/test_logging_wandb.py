@@ -53,6 +53,17 @@ def wandb_records(path: Path) -> list:
     return out
 
 
+def wandb_config(path: Path) -> dict:
+    """The run's config: the run record's, updated by the config records that follow it."""
+    out = {}
+    for r in wandb_records(path):
+        kind = r.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            for u in (r.run.config if kind == "run" else r.config).update:
+                out[u.key] = json.loads(u.value_json)
+    return out
+
+
 def wandb_history(path: Path) -> list[dict]:
     return [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
             for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]
@@ -79,7 +90,7 @@ def test_wandb_offline_and_profiler_trace_of_a_short_run(tmp_path, ids_data, wan
     records = wandb_records(offline / f"run-{run_id}.wandb")
     (meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert meta.run_id == run_id and meta.project == "mdiff-test" and meta.display_name == "wb"
-    config = {u.key: json.loads(u.value_json) for u in meta.config.update}
+    config = wandb_config(offline / f"run-{run_id}.wandb")
     assert config["model"]["seq_len"] == 32 and config["logging"]["wandb"]["mode"] == "offline"
     assert config["resolved"]["precision"]["resolved"] == "fp32" and config["resolved"]["batch"]["global_batch_size"] == 8
 
@@ -112,9 +123,9 @@ def test_resuming_a_run_directory_continues_its_wandb_run_id(tmp_path, wandb_env
     from launcher.config import config_from_dict
     from launcher.runlog import WANDB_ID_FILE, RunLogger
 
-    cfg = config_from_dict({"run": {"name": "r"}, "logging": {"wandb": {"project": "p", "mode": "offline"}}})
-    for steps in ([1, 2], [3]):              # a first job, then the resumed one
-        logger = RunLogger(tmp_path, cfg)
+    data = {"run": {"name": "r"}, "logging": {"wandb": {"project": "p", "mode": "offline"}}}
+    for steps, lr in (([1, 2], 1e-3), ([3], 5e-4)):      # a first job, then the resumed one with a new lr
+        logger = RunLogger(tmp_path, config_from_dict({**data, "optim": {"lr": lr}}))
         for s in steps:
             logger.add_scalar("train/bits_per_token", 10.0 - s, s)
             logger.add_scalar("val/bits_per_token", 20.0 - s, s)
@@ -126,6 +137,7 @@ def test_resuming_a_run_directory_continues_its_wandb_run_id(tmp_path, wandb_env
     rows = [wandb_history(j / f"run-{run_id}.wandb") for j in jobs]
     assert [[(r["step"], r["train/bits_per_token"], r["val/bits_per_token"]) for r in h] for h in rows] == \
         [[(1, 9.0, 19.0), (2, 8.0, 18.0)], [(3, 7.0, 17.0)]]
+    assert [wandb_config(j / f"run-{run_id}.wandb")["optim"]["lr"] for j in jobs] == [1e-3, 5e-4]
     # with wandb disabled (the default) nothing of wandb is written
     RunLogger(tmp_path / "off", config_from_dict({})).close()
     assert not (tmp_path / "off" / "wandb").exists() and not (tmp_path / "off" / WANDB_ID_FILE).exists()
