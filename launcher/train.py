@@ -269,9 +269,15 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.writer = None
-        if info.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if info.is_main:   # TensorBoard, and wandb when logging.wandb asks for it (launcher/runlog.py)
+            from launcher.runlog import RunLogger
+
+            self.writer = RunLogger(self.run_dir, cfg, {"resolved": {
+                "precision": dataclasses.asdict(self.precision), "batch": dataclasses.asdict(self.batch),
+                "device": str(info.device), "world_size": info.world_size}})
+        from launcher.profiling import StepProfiler
+
+        self.profiler = StepProfiler(self.run_dir, cfg.logging.profile_steps, info.rank)
         from model.flops import flops_per_token, peak_flops
 
         self.flops_per_token = flops_per_token(cfg.model.num_layers, cfg.model.hidden_size, cfg.model.seq_len,
@@ -667,8 +673,10 @@ class Trainer:
         val = None
         wait_since, consecutive_skips = 0.0, 0
         while self.step < cfg.optim.train_steps:
+            self.profiler.before_step(self.step + 1)
             loss, wait, applied = self.train_step(batches)
             self.step += 1
+            self.profiler.after_step(self.step)
             self.tokens_seen += tokens_per_step
             steps_since += 1
             wait_since += wait
@@ -729,12 +737,14 @@ class Trainer:
             if self.preemption.should_stop():
                 self.save()
                 self.log("preempted: checkpoint saved, requeueing")
+                self.profiler.stop()
                 if self.writer is not None:
-                    self.writer.flush()   # requeue_and_exit ends the process without unwinding
+                    self.writer.close()   # requeue_and_exit ends the process without unwinding
                 self.preemption.requeue_and_exit(info.rank)
                 return None
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.optim.train_steps:
                 self.save()
+        self.profiler.stop()
         if val is None:
             val = self.evaluate()
         result = {"step": self.step, "tokens_seen": self.tokens_seen, "heldout": val}
