@@ -76,6 +76,8 @@ class Codec:
     def encode(self, text: str) -> list[int]:
         if self.enc is None:
             return [int(t) for t in text.split()]
+        if not hasattr(self.enc, "encode"):      # text8's character codec has only the ordinary encoder
+            return [int(t) for t in self.enc.encode_ordinary(text)]
         return self.enc.encode(text, allowed_special="all")
 
     def decode(self, ids: list[int]) -> str:
