@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from launcher.config import Config, DataConfig, DiffusionConfig, ModelConfig
-from launcher.export import read_export, load_plain, write_export
+from launcher.export import load_plain, read_export, write_export
+from launcher.export import main as export_main
 from launcher.hf_export import write_hf
 from model.plain import PlainDenoiser
 
@@ -201,9 +202,9 @@ def test_hf_files_keep_the_export_readable_by_the_project(exports):
             assert not (e["path"] / "tokenizer_config.json").exists()
 
 
-def test_old_export_gets_hf_files_in_place_through_the_cli(tmp_path):
+def test_old_export_gets_hf_files_in_place_through_the_cli(tmp_path, capsys):
     """An export whose safetensors metadata is not "pt" (as export.py wrote before --hf) is rewritten once,
-    its sha256 in config.json updated; `export.py EXPORT --hf` works in place."""
+    its sha256 in config.json updated; `export.py EXPORT --hf` (its main, in process) works in place."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -217,19 +218,20 @@ def test_old_export_gets_hf_files_in_place_through_the_cli(tmp_path):
     doc["sha256"]["model.safetensors"] = file_sha256(weights)
     del doc["architecture"]["image_shape"]         # older exports had it only in the training config
     (path / "config.json").write_text(json.dumps(doc))
-    proc = subprocess.run([sys.executable, str(REPO / "launcher" / "export.py"), str(path), "--hf"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert export_main([str(path), "--hf"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"export": str(path), "hf": True}
     with safe_open(str(weights), framework="pt") as f:
         assert f.metadata()["format"] == "pt"
     read_export(path)                               # the new sha256 verifies
     from launcher.hf.configuration_mdiff import MDiffConfig
     hf_cfg = MDiffConfig.from_pretrained(str(path))
     assert hf_cfg.image_shape == [2, 2, 3] and hf_cfg.vocab_size == 256 and hf_cfg.dtype is torch.float32
-    # a checkpoint argument without --out is refused, naming what is missing
-    bad = subprocess.run([sys.executable, str(REPO / "launcher" / "export.py"), str(tmp_path / "nothing")],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert bad.returncode == 2 and "--out is required" in bad.stderr
+    # a checkpoint without --out, or --dtype on an export, is refused with the reason
+    for argv, reason in (([str(tmp_path / "nothing")], "--out is required"),
+                         ([str(path), "--hf", "--dtype", "bf16"], "is an export: --raw, --ema and --dtype apply")):
+        with pytest.raises(SystemExit) as e:
+            export_main(argv)
+        assert e.value.code == 2 and reason in capsys.readouterr().err
 
 
 def test_bad_tokenizer_vocab_is_refused_naming_the_file(tmp_path):
