@@ -103,9 +103,11 @@ def _text8_tokenizer(seq_len: int, vocab_size: int, where: str):
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=seq_len,
-                                     clean_up_tokenization_spaces=False)
+                                     clean_up_tokenization_spaces=False,
+                                     model_input_names=["input_ids", "attention_mask"])
     tok.add_special_tokens({"mask_token": MASK_TOKEN})
-    return tok, f"text8 characters (PreTrainedTokenizerFast): 0 = ' ', 1..26 = a..z, mask_token {MASK_TOKEN} = 27"
+    return tok, (f"text8 characters (PreTrainedTokenizerFast): 0 = ' ', 1..26 = a..z, mask_token {MASK_TOKEN} = 27; "
+                 "any other character is refused (tokenizers' 'Missing [UNK] token' error: text8 has no unknown token)")
 
 
 def write_tokenizer(out: Path, name: str, seq_len: int, vocab_size: int, where: str) -> dict:
@@ -118,7 +120,7 @@ def write_tokenizer(out: Path, name: str, seq_len: int, vocab_size: int, where: 
         tok, what = _text8_tokenizer(seq_len, vocab_size, where)
     elif name == "pixels":
         return {"tokenizer": None, "note": f"tokenizer 'pixels': ids 0..{vocab_size - 1} are the uint8 sub-pixel "
-                                           "values of HWC-flattened images (config.architecture.image_shape), "
+                                           "values of HWC-flattened images (config.json: architecture.image_shape), "
                                            f"mask id {vocab_size}; there is no text tokenizer"}
     else:
         return {"tokenizer": None, "note": f"tokenizer {name!r}: pre-tokenized ids 0..{vocab_size - 1} (data "

@@ -1,7 +1,8 @@
 """An export written with launcher/hf_export.py (export.py --hf) loads in transformers with no project code
 importable: AutoModelForMaskedLM(trust_remote_code) gives model/plain.py's logits for MD4 with and without
-adaLN, Prime and a pixel model (so launcher/hf/modeling_mdiff.py cannot drift from model/plain.py), and
-AutoTokenizer encodes and decodes text as the project's tokenizer does (GPT-2 BPE, text8)."""
+adaLN, Prime, a pixel model and GenMD4 (so launcher/hf/modeling_mdiff.py cannot drift from model/plain.py)
+and follows transformers' forward conventions, and AutoTokenizer encodes and decodes text as the project's
+tokenizer does (GPT-2 BPE, text8)."""
 from __future__ import annotations
 
 import json
@@ -130,6 +131,26 @@ LOADER = textwrap.dedent("""
             with torch.no_grad():
                 torch.save(model(ids).logits, f"{tmp}/prime.token_logits.pt")
         result[name] = r
+    # transformers' conventions: labels -> mean cross-entropy (-100 ignored), return_dict=False -> a tuple;
+    # padding masks, segment ids and unknown arguments are refused
+    model = AutoModelForMaskedLM.from_pretrained(f"{tmp}/md4_gpt2", trust_remote_code=True)
+    x = torch.load(f"{tmp}/md4_gpt2.inputs.pt")["input_ids"].clamp(max=50256)
+    labels = x.clone()
+    labels[:, ::2] = -100
+    with torch.no_grad():
+        out = model(x, labels=labels)
+        keep = labels != -100
+        conv = {"loss": out.loss.item(), "loss_by_hand": torch.nn.functional.cross_entropy(out.logits[keep], x[keep]).item()}
+        loss, logits = model(x, labels=labels, return_dict=False)
+        conv["tuple"] = [loss.item(), bool(torch.equal(logits, out.logits))]
+        for key, kwargs in (("attention_mask", {"attention_mask": torch.ones_like(x).index_fill(1, torch.tensor([3]), 0)}),
+                            ("token_type_ids", {"token_type_ids": torch.ones_like(x)}),
+                            ("timesteps", {"timesteps": torch.zeros(3)})):
+            try:
+                model(x, **kwargs)
+            except (ValueError, TypeError) as e:
+                conv[key] = f"{type(e).__name__}: {e}"
+    result["conventions"] = conv
     for name, texts in (("md4_gpt2", sentences), ("md4_adaln_text8", [text8])):
         tok = AutoTokenizer.from_pretrained(f"{tmp}/{name}")
         ids = [tok(s)["input_ids"] for s in texts]
@@ -153,6 +174,11 @@ def test_transformers_loads_the_export_without_project_code(exports):
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
     assert res.pop("leaked") == []
+    conv = res.pop("conventions")
+    assert conv["loss"] == pytest.approx(conv["loss_by_hand"], rel=1e-6) and conv["tuple"] == [conv["loss"], True]
+    assert conv["attention_mask"].startswith("ValueError: attention_mask has zeros")
+    assert conv["token_type_ids"].startswith("ValueError: token_type_ids other than 0")
+    assert conv["timesteps"].startswith("TypeError: MDiffForMaskedLM.forward does not take ['timesteps']")
     for name, r in res.items():
         assert r["class"] == "MDiffForMaskedLM" and r["logits_type"] == "MaskedLMOutput" and not r["training"], name
         got = torch.load(tmp / f"{name}.hf_logits.pt")
@@ -241,3 +267,4 @@ def test_bad_tokenizer_vocab_is_refused_naming_the_file(tmp_path):
     path = write_export(tmp_path / "e", cfg, {n: p.detach() for n, p in model.named_parameters()}, {"weights": "raw"})
     with pytest.raises(ExportError, match=r"config\.json: tokenizer 'gpt2' has 50257 tokens but model\.vocab_size is 27"):
         write_hf(path)
+

@@ -270,10 +270,17 @@ class MDiffForMaskedLM(MDiffPreTrainedModel):
 
     def forward(self, input_ids: Tensor, t: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, output_hidden_states: Optional[bool] = None,
-                return_dict: Optional[bool] = None, **kwargs) -> MaskedLMOutput | tuple:
+                return_dict: Optional[bool] = None, token_type_ids: Optional[Tensor] = None,
+                **kwargs) -> MaskedLMOutput | tuple:
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("attention_mask has zeros: this denoiser attends to every position of a fixed-length "
                              "row (no padding); pass full rows, masked positions as mask_token_id")
+        if token_type_ids is not None and bool(token_type_ids.any()):
+            raise ValueError("token_type_ids other than 0: this denoiser has no segment embeddings")
+        unused = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
+        if unused:
+            raise TypeError(f"MDiffForMaskedLM.forward does not take {unused} (it takes input_ids, t, attention_mask, "
+                            "labels, output_hidden_states, return_dict)")
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         features = None
         if self.time_conditioning == "adaln":
