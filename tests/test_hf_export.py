@@ -268,3 +268,30 @@ def test_bad_tokenizer_vocab_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ExportError, match=r"config\.json: tokenizer 'gpt2' has 50257 tokens but model\.vocab_size is 27"):
         write_hf(path)
 
+
+
+def test_export_cli_with_hf_from_a_checkpoint(tmp_path, capsys):
+    """`export.py RUN --out E --hf` on a (synthetic, TP = PP = 1) checkpoint writes the export and its
+    transformers files in one go."""
+    import hashlib
+
+    from launcher.config import save_config
+
+    model, cfg = build("md4_adaln_text8", tmp_path)
+    tag = tmp_path / "run" / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    torch.save({"module": {n: p.detach().clone() for n, p in model.named_parameters()}, "step": 2, "tokens_seen": 24},
+               tag / "mp_rank_00_model_states.pt")
+    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in tag.iterdir()}
+    (tag / "COMPLETE.json").write_text(json.dumps({"step": 2, "files": files}))
+    out = tmp_path / "export"
+    assert export_main([str(tmp_path / "run"), "--out", str(out), "--hf"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["hf"] is True and rec["step"] == 2 and rec["weights"] == "raw"
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["auto_map"]["AutoConfig"] == "configuration_mdiff.MDiffConfig" and doc["step"] == 2
+    assert doc["hf"]["files"] == ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    loaded, *_ = load_plain(out)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(dict(loaded.named_parameters())[n], p, rtol=0, atol=0)
