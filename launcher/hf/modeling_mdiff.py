@@ -7,8 +7,8 @@
 This file is the one deliberate copy of model/plain.py's forward (with model/adaln.py's time features,
 model/pixels.py's pixel positions and Prime's sub-token embedding from model/diffusion/prime.py): an export
 must load with torch and transformers alone, without this project on the path. tests/test_hf_export.py
-checks that its logits equal model/plain.py's for MD4 (with and without adaLN), Prime and a pixel model,
-so a change to one that is not made to the other fails the suite.
+checks that its logits equal model/plain.py's for MD4 (with and without adaLN), Prime, a pixel model and
+GenMD4, so a change to one that is not made to the other fails the suite.
 
 The parameter names are model/plain.py's (the export's model.safetensors loads without a prefix map):
 `embedding.*`, `subtoken_embedding.table.weight`, `pixel_position.*`, `decoder.layers.{i}.*`,
