@@ -107,16 +107,18 @@ def resolve_data_dir(path: str | os.PathLike, cache_dir: str | os.PathLike | Non
 
 # ---- rows ----------------------------------------------------------------------------------------
 def open_rows(data_dir: str | Path, split: str):
-    """Random access to the rows of one split, whichever writer produced them."""
+    """Random access to the rows of one split, whichever writer produced them. Every row read is checked
+    to hold only token ids < the manifest's vocab_size (the mask id and padding ids included)."""
     m = load_manifest(data_dir)
-    if m.get("writer", "mds") == "webdataset":
-        return WDSRows(data_dir, split, m)
-    return MDSRows(data_dir, split)
+    rows = WDSRows(data_dir, split, m) if m.get("writer", "mds") == "webdataset" else MDSRows(data_dir, split)
+    rows.vocab_size = int(m["vocab_size"])
+    return rows
 
 
 class _RowsBase:
     num_rows: int
     seq_len: int | None
+    vocab_size: int | None = None    # ids >= this are refused (open_rows sets it from the manifest)
 
     def __len__(self) -> int:
         return self.num_rows
@@ -124,13 +126,35 @@ class _RowsBase:
     def row(self, i: int) -> np.ndarray:
         raise NotImplementedError
 
+    def where(self, i: int) -> str:
+        """The shard file and position of global row i (for error messages)."""
+        raise NotImplementedError
+
+    def _check(self, idxs, rows: np.ndarray) -> None:
+        """Refuse a batch holding an id outside [0, vocab_size), naming the shard and row: such an id would
+        be the mask id, vocabulary padding, or crash one rank's embedding lookup with an IndexError."""
+        V = self.vocab_size
+        if V is None or rows.size == 0 or (int(rows.max()) < V and int(rows.min()) >= 0):
+            return
+        for i, r in zip(idxs, rows.reshape(len(idxs), -1)):
+            bad = np.flatnonzero((r >= V) | (r < 0))
+            if len(bad):
+                raise ValueError(f"{self.where(int(i))}: token id {int(r[bad[0]])} at position {int(bad[0])} "
+                                 f"({len(bad)} such id(s) in this row) is outside the vocabulary [0, {V}) of "
+                                 f"{self.data_dir / MANIFEST_NAME} (id {V} is the mask id): the shard is corrupt "
+                                 "or was written for another vocabulary; re-run data_pipeline.prepare")
+
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.row(int(i)).astype(np.int64))
+        row = self.row(int(i))
+        self._check([i], row[None])
+        return torch.from_numpy(row.astype(np.int64))
 
     def __getitems__(self, idxs) -> torch.Tensor:
         if len(idxs) == 0:
             return torch.empty((0, self.seq_len or 0), dtype=torch.long)
-        return torch.from_numpy(np.stack([self.row(int(i)) for i in idxs]).astype(np.int64))
+        rows = np.stack([self.row(int(i)) for i in idxs])
+        self._check(idxs, rows)
+        return torch.from_numpy(rows.astype(np.int64))
 
 
 class WDSRows(_RowsBase):
@@ -176,6 +200,11 @@ class WDSRows(_RowsBase):
         off, size = idx[i - int(self.offsets[k])]
         return np.lib.format.read_array(io.BytesIO(os.pread(fd, int(size), int(off))), allow_pickle=False)
 
+    def where(self, i: int) -> str:
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return (f"{self.data_dir / self.shards[k]['path']}: sample {i - int(self.offsets[k])} "
+                f"(row {i} of split {self.split!r})")
+
     def __getstate__(self):
         return {**self.__dict__, "_index": {}, "_fds": {}}
 
@@ -216,6 +245,12 @@ class MDSRows(_RowsBase):
             raise IndexError(i)
         shard = int(np.searchsorted(self.offsets, i, side="right") - 1)
         return self.readers[shard].get_item(i - int(self.offsets[shard]))["tokens"]
+
+    def where(self, i: int) -> str:
+        shard = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        name = self.readers[shard].raw_data.basename
+        return (f"{self.data_dir / self.split / name}: sample {i - int(self.offsets[shard])} "
+                f"(row {i} of split {self.split!r})")
 
 
 def _identity(batch):

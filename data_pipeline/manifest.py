@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,53 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def verify_cache_dir() -> Path:
+    """Where verified shard digests are remembered: $MDIFF_VERIFY_CACHE_DIR, default ~/.cache/mdiff/verified."""
+    return Path(os.environ.get("MDIFF_VERIFY_CACHE_DIR") or Path.home() / ".cache" / "mdiff" / "verified")
+
+
+class ShardDigests:
+    """sha256 of shard files, cached per shard: an entry holds (bytes, mtime_ns, sha256) of one file, so a
+    shard is read again only when it was replaced or touched. One JSON file per data folder under
+    `verify_cache_dir()`; written atomically; an unreadable cache is ignored (everything is re-read)."""
+
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir).resolve()
+        key = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+        self.path = verify_cache_dir() / f"{key}.json"
+        try:
+            doc = json.loads(self.path.read_text())
+            self.entries = doc["files"] if doc.get("data_dir") == str(self.data_dir) else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.entries = {}
+        self.dirty = False
+
+    def cached(self, rel: str) -> str | None:
+        st = (self.data_dir / rel).stat()
+        e = self.entries.get(rel)
+        return e[2] if e and e[0] == st.st_size and e[1] == st.st_mtime_ns else None
+
+    def compute(self, rel: str) -> str:
+        fp = self.data_dir / rel
+        st = fp.stat()
+        digest = file_sha256(fp)
+        self.entries[rel] = [st.st_size, st.st_mtime_ns, digest]
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"data_dir": str(self.data_dir), "files": self.entries}))
+            os.replace(tmp, self.path)
+        except OSError:    # a read-only home: verification still happened, it is just not remembered
+            pass
+        self.dirty = False
 
 
 def load_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -51,12 +99,13 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
 def check_manifest(data_dir: str | Path, *, tokenizer: str | None = None, seq_len: int | None = None,
                    vocab_size: int | None = None, image_shape: list[int] | None = None,
                    splits: tuple[str, ...] | None = None,
-                   verify_sha256: bool = False) -> dict[str, Any]:
+                   verify_sha256: bool = False, progress: bool = True) -> dict[str, Any]:
     """Check that the prepared data fits the run and that its files are intact; return the manifest.
 
     Each ValueError names the manifest file and the key: tokenizer, seq_len, vocab_size, image_shape mismatches;
     a missing split; a missing shard or one of the wrong size (always checked, cheap); a shard whose
-    sha256 differs (only with verify_sha256=True: reads every byte).
+    sha256 differs (only with verify_sha256=True: reads every byte of a shard the first time, then only
+    when its size or mtime changed (`ShardDigests`); a progress bar above 64 MiB).
     """
     data_dir = Path(data_dir)
     m = load_manifest(data_dir)
@@ -66,6 +115,8 @@ def check_manifest(data_dir: str | Path, *, tokenizer: str | None = None, seq_le
         if want is not None and m.get(key) != want:
             raise ValueError(f"{path}: {key} mismatch: data has {key}={m[key]!r}, the run wants {want!r} "
                              "(re-run data_pipeline.prepare or change the config)")
+    digests = ShardDigests(data_dir) if verify_sha256 else None
+    unverified = []
     for split in (splits if splits is not None else tuple(m["splits"])):
         if split not in m["splits"]:
             raise ValueError(f"{path}: splits.{split} missing (has {sorted(m['splits'])})")
@@ -77,9 +128,25 @@ def check_manifest(data_dir: str | Path, *, tokenizer: str | None = None, seq_le
             if size != f["bytes"]:
                 raise ValueError(f"{path}: splits.{split}.files: shard {fp} has {size} bytes, "
                                  f"manifest says {f['bytes']} (corrupt or replaced)")
-            if verify_sha256:
-                digest = file_sha256(fp)
+            if digests is not None and digests.cached(f["path"]) != f["sha256"]:
+                unverified.append((split, f))
+    if unverified:
+        total = sum(f["bytes"] for _, f in unverified)
+        bar = None
+        if progress and total > (64 << 20):
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"verifying {len(unverified)} shard(s)")
+        try:
+            for split, f in unverified:
+                digest = digests.compute(f["path"])
+                if bar is not None:
+                    bar.update(f["bytes"])
                 if digest != f["sha256"]:
-                    raise ValueError(f"{path}: splits.{split}.files: sha256 of shard {fp} is {digest}, "
-                                     f"manifest says {f['sha256']} (corrupt)")
+                    raise ValueError(f"{path}: splits.{split}.files: sha256 of shard {data_dir / f['path']} is "
+                                     f"{digest}, manifest says {f['sha256']} (corrupt)")
+        finally:
+            if bar is not None:
+                bar.close()
+            digests.save()   # what did verify is remembered even when a later shard did not
     return m

@@ -187,20 +187,38 @@ def prune(ckpt_root: Path, keep_last: int, keep_every: int = 0) -> list[str]:
     return doomed
 
 
-def find_resumable(ckpt_root: Path, rank: int) -> str | None:
-    """Newest verified tag (same answer on every rank), warning about each bad one skipped."""
-    choice = None
+def newest_verified(ckpt_root: Path) -> tuple[str | None, list[str]]:
+    """The newest tag that verifies against its COMPLETE.json, and why each newer one was skipped: a
+    step folder without COMPLETE.json (a save that did not finish) or one whose files do not match it.
+    Pure (no collectives): training, export and submit.py all pick the checkpoint with it."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return None, []
+    tags = sorted(p.name for p in ckpt_root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+    skipped = []
+    for tag in reversed(tags):
+        if not (ckpt_root / tag / COMPLETE).is_file():
+            skipped.append(f"{ckpt_root / tag}: no {COMPLETE} (a save that did not finish)")
+            continue
+        problem = verify(ckpt_root / tag)
+        if problem is None:
+            return tag, skipped
+        skipped.append(problem)
+    return None, skipped
+
+
+def find_resumable(ckpt_root: Path, rank: int) -> tuple[str | None, list[str]]:
+    """Collective: the newest verified tag (the same answer on every rank) and the warnings about each
+    newer checkpoint skipped (printed by rank 0 here; the Trainer also writes them to TensorBoard)."""
+    box: list = [None, []]
     if rank == 0:
-        for tag in reversed(list_complete(Path(ckpt_root))):
-            problem = verify(Path(ckpt_root) / tag)
-            if problem is None:
-                choice = tag
-                break
-            warnings.warn(f"skipping checkpoint {Path(ckpt_root) / tag}: {problem}")
-            print(f"WARNING: skipping checkpoint {Path(ckpt_root) / tag}: {problem}", flush=True)
-    box = [choice]
+        choice, skipped = newest_verified(Path(ckpt_root))
+        box = [choice, [f"skipping checkpoint {why}" for why in skipped]]
+        for w in box[1]:
+            warnings.warn(w)
+            print(f"WARNING: {w}", flush=True)
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return box[0], box[1]
 
 
 def load(engine, ckpt_root: Path, tag: str, rank: int) -> tuple[dict, dict]:

@@ -76,6 +76,7 @@ class DataConfig:
     shuffle: bool = True
     val_split: str = "val"
     train_split: str = "train"
+    verify_sha256: bool = True     # check every shard against the manifest before training (cached per shard)
 
 
 @dataclass
@@ -115,6 +116,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard (rank 0; launcher/runlog.py). mode disabled = off."""
+    mode: Literal["disabled", "online", "offline"] = "disabled"
+    project: str = ""              # required when mode is online or offline
+    entity: str = ""               # team or user; "" = wandb's default
+    name: str = ""                 # display name; "" = run.name
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = 10
     eval_interval: int = 100
@@ -123,6 +135,8 @@ class LoggingConfig:
     sample_at_end: bool = True     # draw samples with the `sampler` settings when training ends
     sample_interval: int = 0       # also every this many steps (0 = only at the end); TensorBoard text / image grid
     num_samples: int = 4           # samples per drawing (text: shown in TensorBoard; images: one grid)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile_steps: list[int] = field(default_factory=list)   # [first, last] optimizer steps to trace into <run_dir>/profile/; [] = off
 
 
 @dataclass
@@ -374,6 +388,12 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _require(cfg.logging.num_samples >= 1, source, "logging.num_samples", f"must be >= 1, got {cfg.logging.num_samples}")
     _require(cfg.checkpoint.keep_every >= 0, source, "checkpoint.keep_every", "must be >= 0 (0 keeps only the last k)")
     _require(cfg.logging.eval_batches >= 0, source, "logging.eval_batches", "must be >= 0")
+    wb = cfg.logging.wandb
+    _require(wb.mode == "disabled" or wb.project.strip() != "", source, "logging.wandb.project",
+             f"must be set when logging.wandb.mode is {wb.mode!r}")
+    ps = cfg.logging.profile_steps
+    _require(ps == [] or (len(ps) == 2 and 1 <= ps[0] <= ps[1]), source, "logging.profile_steps",
+             f"must be [] (off) or [first, last] optimizer steps with 1 <= first <= last, got {ps}")
     if world_size is not None:
         validate_world(cfg, world_size, source)
 

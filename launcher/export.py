@@ -3,6 +3,8 @@
 
     python launcher/export.py runs/md4_tiny_demo --out exports/md4_tiny        # newest verified checkpoint, EMA if any
     python launcher/export.py runs/x/checkpoints/step_00000500 --out e --raw --dtype bf16
+    python launcher/export.py runs/md4_tiny_demo --out exports/md4_tiny --hf   # + transformers files
+    python launcher/export.py exports/md4_tiny --hf                            # the same, to an export in place
 
 What a checkpoint holds (DeepSpeed 0.19.8, ZeRO 1/2, as launcher/checkpoint.py writes it): per model-parallel
 rank one `mp_rank_XX_model_states.pt` (written by data-parallel rank 0) whose `module` is that rank's
@@ -27,6 +29,9 @@ The export directory:
   model.safetensors   tensor names as in model/plain.py (= the megatron names at TP = PP = 1, unpadded)
   config.json         {"format": "mdiff-export", "config": the resolved training config, "weights": ema|raw,
                        "dtype", "step", "tokens_seen", "code_version", "source": {...}, "sha256": ...}
+  with --hf also       transformers' keys merged into config.json, the tokenizer files and the modeling code,
+                       so that AutoModelForMaskedLM / AutoTokenizer load the directory (launcher/hf_export.py);
+                       `python launcher/export.py EXPORT --hf` adds them to an existing export in place
 
 `load_plain(path)` gives a model/plain.PlainDenoiser from an export or a checkpoint; `load_into_megatron`
 (checkpoint.init_from) slices an export into this rank's TP/PP shard of a training model.
@@ -88,17 +93,13 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         if not root.is_dir():
             raise ExportError(f"{path}: no such run, checkpoints or checkpoint directory")
-        tags = checkpoint.list_complete(root)
-        tag_dir, problems = None, []
-        for tag in reversed(tags):
-            problem = checkpoint.verify(root / tag)
-            if problem is None:
-                tag_dir = root / tag
-                break
-            problems.append(problem)
-        if tag_dir is None:
-            detail = "; ".join(problems) if problems else f"no step_XXXXXXXX folder with {checkpoint.COMPLETE}"
+        tag, skipped = checkpoint.newest_verified(root)
+        if tag is None:
+            detail = "; ".join(skipped) if skipped else f"no step_XXXXXXXX folder with {checkpoint.COMPLETE}"
             raise ExportError(f"{root}: no verified checkpoint ({detail})")
+        tag_dir = root / tag
+        for why in skipped:
+            print(f"WARNING: skipping checkpoint {why}", file=sys.stderr)
     cfg_path = tag_dir.parent.parent / "config.yaml"
     if not cfg_path.is_file():
         raise ExportError(f"{cfg_path}: missing; the checkpoint {tag_dir} must sit in a run directory "
@@ -300,7 +301,9 @@ def write_export(out: str | Path, cfg, tensors: dict[str, torch.Tensor], meta: d
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     cast = {k: (v.to(torch_dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(cast, str(tmp), metadata={"format": EXPORT_FORMAT, "weights": meta["weights"], "dtype": dtype})
+    # "pt": safetensors' name for torch tensors, which transformers requires (launcher/hf_export.py)
+    save_file(cast, str(tmp), metadata={"format": "pt", "export_format": EXPORT_FORMAT, "weights": meta["weights"],
+                                        "dtype": dtype})
     tmp.replace(out / WEIGHTS_FILE)
     m, d = cfg.model, cfg.diffusion
     doc = {
@@ -310,7 +313,9 @@ def write_export(out: str | Path, cfg, tensors: dict[str, torch.Tensor], meta: d
                          "ffn_hidden_size": m.ffn_hidden_size or 4 * m.hidden_size,
                          "position_embedding": m.position_embedding, "norm": "layernorm", "activation": "gelu",
                          "rope_base": 10000, "seq_len": m.seq_len, "vocab_size": m.vocab_size,
-                         "mask_id": m.vocab_size, "time_conditioning": m.time_conditioning},
+                         "mask_id": m.vocab_size, "time_conditioning": m.time_conditioning,
+                         "image_shape": list(m.image_shape) if m.image_shape else None, "layernorm_eps": 1e-5,
+                         "dropout": m.dropout},
         "diffusion": {"kind": d.kind, "schedule": d.schedule, "eps": d.eps,
                       **({"prime_l": d.prime_l} if d.kind == "prime" else {}),
                       **({"genmd4_t1": d.genmd4_t1, "genmd4_w": "genmd4_schedule.raw (w = softplus(raw))"}
@@ -456,22 +461,41 @@ def load_into_megatron(model: torch.nn.Module, export_dir: str | Path, cfg) -> d
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="run directory, its checkpoints/ folder or a step_XXXXXXXX folder")
-    p.add_argument("--out", required=True, help="export directory (model.safetensors + config.json)")
+    p.add_argument("checkpoint", help="run directory, its checkpoints/ folder or a step_XXXXXXXX folder "
+                                      "(or, with --hf and no --out, an export to add the transformers files to)")
+    p.add_argument("--out", help="export directory (model.safetensors + config.json)")
+    p.add_argument("--hf", action="store_true",
+                   help="also write what transformers loads: AutoModelForMaskedLM (trust_remote_code) and "
+                        "AutoTokenizer (needs the eval extra)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--raw", action="store_true", help="the trained weights, not their EMA")
     which.add_argument("--ema", action="store_true", help="the EMA weights (default when the checkpoint has them)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     a = p.parse_args(argv)
+    if a.out is None:
+        if not (a.hf and is_export(a.checkpoint)):
+            p.error("--out is required (without it: an export directory and --hf, to add the transformers files)")
+        if a.raw or a.ema or a.dtype != "fp32":
+            p.error(f"{a.checkpoint} is an export: --raw, --ema and --dtype apply when exporting a checkpoint")
     try:
+        if a.out is None:
+            from launcher.hf_export import write_hf
+
+            write_hf(a.checkpoint)
+            print(json.dumps({"export": str(a.checkpoint), "hf": True}))
+            return 0
         cfg, tensors, meta = checkpoint_weights(a.checkpoint, "raw" if a.raw else "ema" if a.ema else None)
         out = write_export(a.out, cfg, tensors, meta, a.dtype)
+        if a.hf:
+            from launcher.hf_export import write_hf
+
+            write_hf(out)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in tensors.values())
     print(json.dumps({"export": str(out), "weights": meta["weights"], "dtype": a.dtype, "step": meta["step"],
-                      "parameters": n, "source": meta["source"]}))
+                      "parameters": n, "hf": a.hf, "source": meta["source"]}))
     return 0
 
 

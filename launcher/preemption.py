@@ -47,10 +47,18 @@ class PreemptionHandler:
     def requeue_and_exit(self, rank: int) -> None:
         """After the checkpoint: rank 0 lets submitit requeue the job; the others wait to be stopped.
 
-        Outside SLURM (local runs) there is nothing to requeue: every rank raises SystemExit and the
-        same submit command resumes the run.
+        Under submit.py --local every rank exits with submitit's local requeue status and the local
+        controller restarts them. Elsewhere (torchrun) there is nothing to requeue: every rank raises
+        SystemExit and the same command resumes the run.
         """
         usr2 = self._previous.get(signal.SIGUSR2)
+        if os.environ.get("MDIFF_LOCAL_CONTROLLER") == "1":
+            # submit.py --local: launcher/local_controller.py starts every rank again when they exit with
+            # submitit's local requeue status, and they resume from the checkpoint just written
+            from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # see below: no exception from the loader now
+            _hard_exit(LOCAL_REQUEUE_RETURN_CODE)
         on_slurm = "SLURM_JOB_ID" in os.environ and callable(usr2)
         if not on_slurm:
             raise SystemExit(f"preempted by signal {self.received}: checkpoint saved; submit again to resume")

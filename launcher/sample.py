@@ -13,7 +13,9 @@ semi-autoregressive sliding window (model.diffusion.samplers.semi_autoregressive
 last seq_len - stride tokens as its prefix. Pixel data: the tokens of a sample are an image of the
 manifest's image_shape [H, W, C] (values 0..255), written as one PNG grid.
 
-Prints the samples, then a final JSON line with the samples and the network calls used.
+Prints the samples, then a final JSON line with the samples, their token ids, the tokenizer and the network
+calls used. `--out X.jsonl` writes one JSON record per sample ({"text", "tokens", "tokenizer", "model", ...});
+launcher/evaluate_samples.py computes the generative perplexity and unigram entropy of either.
 """
 from __future__ import annotations
 
@@ -51,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--length", type=POSITIVE, default=None, help="tokens per sample; > seq_len uses the sliding window")
     p.add_argument("--stride", type=POSITIVE, default=None, help="new tokens per window (default seq_len // 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the samples here (text file, or .png for pixel data)")
+    p.add_argument("--out", default=None, help="write the samples here: X.jsonl (one JSON record per sample: text, "
+                   "token ids, tokenizer; what launcher/evaluate_samples.py reads best), a text file (samples "
+                   "separated by a blank line), or .png for pixel data")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--raw", action="store_true", help="checkpoint: the trained weights, not the EMA")
     which.add_argument("--ema", action="store_true", help="checkpoint: the EMA weights (default when present)")
@@ -72,6 +76,8 @@ class Codec:
     def encode(self, text: str) -> list[int]:
         if self.enc is None:
             return [int(t) for t in text.split()]
+        if not hasattr(self.enc, "encode"):      # text8's character codec has only the ordinary encoder
+            return [int(t) for t in self.enc.encode_ordinary(text)]
         return self.enc.encode(text, allowed_special="all")
 
     def decode(self, ids: list[int]) -> str:
@@ -180,7 +186,8 @@ def main(argv=None) -> int:
                              top_p=a.top_p if a.top_p is not None else sc.top_p,
                              temperature=a.temperature if a.temperature is not None else sc.temperature,
                              use_cache=sc.use_cache and not a.no_cache, given=given, stride=a.stride, seed=a.seed)
-    record = {"model": str(a.model), "diffusion": cfg.diffusion.kind, "num": a.num, "length": length,
+    record = {"model": str(a.model), "diffusion": cfg.diffusion.kind, "tokenizer": cfg.data.tokenizer,
+              "num": a.num, "length": length,
               "network_calls": stats["network_calls"], "windows": stats.get("windows", 1),
               "steps": a.steps or sc.steps}
     if pixels:
@@ -196,7 +203,13 @@ def main(argv=None) -> int:
         texts = [codec.decode(row.tolist()) for row in tokens]
         for i, t in enumerate(texts):
             print(f"----- sample {i} -----\n{t}", file=sys.stderr)
-        if a.out:
+        if a.out and Path(a.out).suffix.lower() == ".jsonl":   # one record per sample: exact ids and boundaries
+            Path(a.out).write_text("".join(json.dumps({"text": t, "tokens": row.tolist(), "tokenizer": cfg.data.tokenizer,
+                                                       "model": str(a.model), "diffusion": cfg.diffusion.kind,
+                                                       "steps": a.steps or sc.steps}) + "\n"
+                                           for t, row in zip(texts, tokens)))
+            record["out"] = a.out
+        elif a.out:
             Path(a.out).write_text("\n\n".join(texts) + "\n")
             record["out"] = a.out
         record["samples"] = texts

@@ -90,6 +90,9 @@ def slurm_parameters(cfg, args, run_dir: Path | None = None) -> dict:
         "time": s["time_min"],
         "signal_delay_s": s["signal_delay_s"],
         "stderr_to_stdout": True,
+        # a task that dies (SIGKILL, OOM killer, segfault) ends the whole step at once: the other ranks would
+        # otherwise wait in their next collective until its timeout
+        "srun_args": ["--kill-on-bad-exit=1"],
         # The job imports the snapshot: PYTHONPATH first, and PYTHONSAFEPATH=1 so that `python -m` does
         # not put the working directory (often the checkout, with its own launcher/) before it.
         "setup": [f"export PYTHONPATH={shlex.quote(str(code))}${{PYTHONPATH:+:$PYTHONPATH}}",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -101,17 +102,27 @@ def snapshot_code(run_dir: Path) -> Path:
     return dest
 
 
-def check_resume_layout(cfg, run_dir: Path, world: int | None, config_path: str) -> None:
-    """Refuse, before the run directory is touched, a resume at another layout than the newest checkpoint's
-    (the job would refuse it too, but only after config.yaml was rewritten)."""
+def check_resume(cfg, run_dir: Path, world: int | None, config_path: str) -> str | None:
+    """Before the run directory is touched: say which checkpoint the job will resume from and which newer
+    ones it will skip (a save that did not finish, a checksum mismatch), and refuse a resume at another
+    layout than that checkpoint's (the job would refuse it too, but only after config.yaml was rewritten).
+    Returns the tag."""
     import yaml
 
-    latest = run_dir / "checkpoints" / "latest"
-    if world is None or not latest.is_file():
-        return
-    tag_dir = run_dir / "checkpoints" / latest.read_text().strip()
-    if not (tag_dir / "config.yaml").is_file():
-        return
+    from launcher.checkpoint import newest_verified
+
+    root = run_dir / "checkpoints"
+    tag, skipped = newest_verified(root)
+    for why in skipped:
+        print(f"WARNING: skipping checkpoint {why}", flush=True)
+    if tag is None:
+        if skipped:
+            print(f"WARNING: no checkpoint in {root} verifies: the run starts again from step 0", flush=True)
+        return None
+    print(f"resuming from {root / tag}", flush=True)
+    tag_dir = root / tag
+    if world is None or not (tag_dir / "config.yaml").is_file():
+        return tag
     saved = (yaml.safe_load((tag_dir / "config.yaml").read_text()) or {}).get("parallel", {}) or {}
     p = cfg.parallel
     ranks = len(list(tag_dir.glob("extra_rank*.pt"))) or world
@@ -124,6 +135,7 @@ def check_resume_layout(cfg, run_dir: Path, world: int | None, config_path: str)
                           f"{fmt.format(*then)}; this submission asks for {fmt.format(*now)}. A checkpoint resumes only "
                           f"at its own layout: resubmit with that layout, or export it (python launcher/export.py "
                           f"{tag_dir} --out EXPORT) and start a new run.name with checkpoint.init_from=EXPORT")
+    return tag
 
 
 def check_run_lock(cfg) -> None:
@@ -141,7 +153,7 @@ def prepare_run_dir(cfg, config_path: str, world: int | None = None) -> Path:
 
     run_dir = cfg.run_dir.resolve()
     saved = run_dir / "config.yaml"
-    check_resume_layout(cfg, run_dir, world, config_path)
+    check_resume(cfg, run_dir, world, config_path)
     if saved.is_file():
         old = yaml.safe_load(saved.read_text())
         new = cfg.to_dict()
@@ -181,16 +193,18 @@ def main(argv=None) -> int:
                                   f"prepare it with `python -m data_pipeline.prepare --out {cfg.data.path} ...`")
             from data_pipeline.manifest import check_manifest
 
-            try:   # the data must fit the model before anything is queued
-                check_manifest(data, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
-                               vocab_size=cfg.model.vocab_size, image_shape=cfg.model.image_shape)
+            try:   # the data must fit the model and be intact before anything is queued
+                m = check_manifest(data, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
+                                   vocab_size=cfg.model.vocab_size, image_shape=cfg.model.image_shape)
+                if cfg.data.verify_sha256:   # remembered per shard: the job's own check then only stats them
+                    check_manifest(data, verify_sha256=True, splits=tuple(
+                        sp for sp in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)) if sp in m["splits"]))
             except ValueError as e:
                 raise ConfigError(f"{args.config}: data.path: {e}") from None
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    import submitit
     import yaml
 
     from launcher.plan import plan_for, render_plan
@@ -232,7 +246,9 @@ def main(argv=None) -> int:
         # the rendezvous port of the local tasks: one that is free now (submitit would derive it from the
         # job id, which can land on a port some other socket of this machine holds)
         os.environ["MDIFF_MASTER_PORT"] = str(free_port())
-        executor = submitit.LocalExecutor(folder=str(run_dir / "submitit"))
+        from launcher.local_controller import LocalExecutor
+
+        executor = LocalExecutor(folder=str(run_dir / "submitit"))
         executor.update_parameters(tasks_per_node=args.local, nodes=1, timeout_min=args.time or 24 * 60,
                                    gpus_per_node=0)
     else:
@@ -267,8 +283,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return interrupted(job, run_dir, local=args.local is not None, resume=resume, procs=procs)
     except Exception as e:  # submitit re-raises the task's exception with its traceback
-        print(f"job {job.job_id} failed: {e}", file=sys.stderr)
-        print(f"logs: {run_dir / 'submitit'}", file=sys.stderr)
+        for line in describe_failure(job, e):
+            print(line, file=sys.stderr)
+        print(f"logs: {run_dir / 'submitit'}; resume with the same command: {resume}", file=sys.stderr)
         return 1
     result = next((r for r in results if r is not None), None)
     print_result(result)
@@ -366,15 +383,62 @@ def interrupted(job, run_dir: Path, *, local: bool, resume: str, procs: dict | N
     psutil.wait_procs(alive, timeout=10)
     if proc is not None:
         proc.poll()
-    from launcher.checkpoint import list_complete, verify
+    from launcher.checkpoint import newest_verified
 
     root = Path(run_dir) / "checkpoints"
-    good = next((t for t in reversed(list_complete(root)) if verify(root / t) is None), None) if root.is_dir() else None
+    good, _ = newest_verified(root)
     where = (f"the newest complete checkpoint is {root / good}" if good
              else "no checkpoint was complete yet, so the run will start from step 0")
     print(f"cancelled: every rank of job {job.job_id} has ended; {where}.\n"
           f"resume with the same command: {resume}", file=sys.stderr, flush=True)
     return 130
+
+
+_EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt|Failure))(?:: (.*))?$")
+_SRUN_LINE = re.compile(r"srun: error: (\S+): tasks? ([\d,\-]+): (.+)$", re.M)
+
+
+def last_error(text: str) -> str | None:
+    """The innermost `ExceptionType: message` line of a log or traceback (a DataLoader worker's error is
+    re-raised with the worker's traceback inside: its own line comes last)."""
+    for line in reversed(text.splitlines()):
+        line = re.sub(r"^\[rank\d+\]:\s*", "", line.strip())   # torch's per-rank prefix of an uncaught error
+        m = _EXC_LINE.match(line)
+        if m and m.group(1) not in ("UncompletedJobError", "FailedJobError"):
+            return line
+    return None
+
+
+def describe_failure(job, error: BaseException) -> list[str]:
+    """What a user needs from a failed job instead of submitit's traceback: which rank ended how (the local
+    controller's record; on SLURM srun's own `task N: Killed` lines) and each rank's own error line."""
+    from submitit.core.utils import JobPaths
+
+    from launcher.local_controller import exits_path
+
+    folder = job.paths.folder
+    lines = [f"job {job.job_id} failed:"]
+    exits = exits_path(folder, job.job_id)
+    if exits.is_file():
+        for e in json.loads(exits.read_text()):
+            if e["returncode"] not in (0, None):
+                lines.append(f"  rank {e['rank']} (pid {e['pid']}) {e['how']}")
+    for k in range(job.num_tasks):
+        paths = JobPaths(folder, job.job_id, task_id=k)
+        text = ""
+        for f in (paths.stdout, paths.stderr):
+            try:
+                text += f.read_text(errors="replace")
+            except OSError:
+                pass
+        for m in _SRUN_LINE.finditer(text):
+            lines.append(f"  SLURM: task(s) {m.group(2)} on {m.group(1)}: {m.group(3).strip()}")
+        err = last_error(text)
+        if err:
+            lines.append(f"  rank {k}: {err}")
+    if len(lines) == 1:
+        lines.append(f"  {last_error(str(error)) or str(error).strip().splitlines()[0]}")
+    return lines
 
 
 def print_result(result: dict | None) -> None:

@@ -212,13 +212,31 @@ class Trainer:
         from launcher.precision import resolve_precision
 
         self.precision = resolve_precision(cfg.parallel.precision, info.device)
-        if self.precision.warning and info.is_main:
-            print(f"warning: {self.precision.warning}", flush=True)
+        self.warnings: list[str] = []   # what this job fell back on: printed, and in resolved.json + TensorBoard
+        if self.precision.warning:
+            self.warnings.append(self.precision.warning)
+            if info.is_main:
+                print(f"warning: {self.precision.warning}", flush=True)
         # a remote data.path (s3://, gs://, https://, file://, ...) is copied into the local cache
         # ($MDIFF_DATA_CACHE_DIR, default ~/.cache/mdiff/data), every file checked against its sha256
         self.data_dir = data_dir = resolve_data_dir(cfg.data.path)
         manifest = check_manifest(data_dir, tokenizer=cfg.data.tokenizer, seq_len=cfg.model.seq_len,
                                   vocab_size=cfg.model.vocab_size, image_shape=cfg.model.image_shape)
+        if cfg.data.verify_sha256:
+            # rank 0 reads every shard once (later runs only stat them: data_pipeline.manifest.ShardDigests);
+            # every rank stops on its verdict, none waits in a collective for a rank that failed
+            import torch.distributed as dist
+
+            verdict = [None]
+            if info.is_main:
+                try:
+                    check_manifest(data_dir, verify_sha256=True, splits=tuple(
+                        sp for sp in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)) if sp in manifest["splits"]))
+                except ValueError as e:
+                    verdict = [str(e)]
+            dist.broadcast_object_list(verdict, src=0)
+            if verdict[0] is not None:
+                raise ValueError(verdict[0])
         self.image_shape = cfg.model.image_shape or manifest.get("image_shape")
         model = build_pipeline_stage(cfg.model, diffusion_cfg=cfg.diffusion,   # under VPP: ModelChunks, one module
                                      sequence_parallel=cfg.parallel.sequence_parallel)
@@ -251,9 +269,15 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.writer = None
-        if info.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if info.is_main:   # TensorBoard, and wandb when logging.wandb asks for it (launcher/runlog.py)
+            from launcher.runlog import RunLogger
+
+            self.writer = RunLogger(self.run_dir, cfg, {"resolved": {
+                "precision": dataclasses.asdict(self.precision), "batch": dataclasses.asdict(self.batch),
+                "device": str(info.device), "world_size": info.world_size}})
+        from launcher.profiling import StepProfiler
+
+        self.profiler = StepProfiler(self.run_dir, cfg.logging.profile_steps, info.rank)
         from model.flops import flops_per_token, peak_flops
 
         self.flops_per_token = flops_per_token(cfg.model.num_layers, cfg.model.hidden_size, cfg.model.seq_len,
@@ -268,7 +292,8 @@ class Trainer:
     def _resume(self):
         from launcher import checkpoint
 
-        tag = checkpoint.find_resumable(self.ckpt_root, self.info.rank)
+        tag, skipped = checkpoint.find_resumable(self.ckpt_root, self.info.rank)
+        self.warnings.extend(skipped)   # printed by find_resumable; TensorBoard text in write_resolved
         if tag is None:
             self.log(f"no checkpoint in {self.ckpt_root}: starting from step 0")
             return
@@ -393,11 +418,13 @@ class Trainer:
         from dataclasses import asdict
 
         doc = {"precision": asdict(self.precision), "batch": asdict(self.batch), "device": str(self.info.device),
-               "step": self.step}
+               "step": self.step, "warnings": self.warnings}
         (self.run_dir / "resolved.json").write_text(json.dumps(doc, indent=1) + "\n")
         if self.writer is not None:
             self.writer.add_text("run/resolved", f"precision: {self.precision.describe()}\n\n"
                                                  f"batch: {self.batch.describe()}", self.step)
+            if self.warnings:
+                self.writer.add_text("run/warnings", "\n\n".join(f"WARNING: {w}" for w in self.warnings), self.step)
 
     def log(self, msg: str):
         if self.info.is_main:
@@ -646,8 +673,10 @@ class Trainer:
         val = None
         wait_since, consecutive_skips = 0.0, 0
         while self.step < cfg.optim.train_steps:
+            self.profiler.before_step(self.step + 1)
             loss, wait, applied = self.train_step(batches)
             self.step += 1
+            self.profiler.after_step(self.step)
             self.tokens_seen += tokens_per_step
             steps_since += 1
             wait_since += wait
@@ -708,12 +737,14 @@ class Trainer:
             if self.preemption.should_stop():
                 self.save()
                 self.log("preempted: checkpoint saved, requeueing")
+                self.profiler.stop()
                 if self.writer is not None:
-                    self.writer.flush()   # requeue_and_exit ends the process without unwinding
+                    self.writer.close()   # requeue_and_exit ends the process without unwinding
                 self.preemption.requeue_and_exit(info.rank)
                 return None
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.optim.train_steps:
                 self.save()
+        self.profiler.stop()
         if val is None:
             val = self.evaluate()
         result = {"step": self.step, "tokens_seen": self.tokens_seen, "heldout": val}

@@ -4,3 +4,8 @@ process a test starts (launcher/precision.py reads MDIFF_NATIVE_BF16)."""
 import os
 
 os.environ["MDIFF_NATIVE_BF16"] = "0"
+
+# verified shard digests (data_pipeline.manifest.ShardDigests) go to a folder of this session, not ~/.cache
+import tempfile  # noqa: E402
+
+os.environ.setdefault("MDIFF_VERIFY_CACHE_DIR", tempfile.mkdtemp(prefix="mdiff-verify-"))

@@ -187,3 +187,32 @@ def test_image_shape_is_a_list_of_ints_matching_seq_len(tmp_path):
         load_config(p, ["model.image_shape=[4, x, 3]"])
     with pytest.raises(ConfigError, match="model.image_shape.*seq_len=48"):
         load_config(p, ["model.image_shape=[4, 4, 1]"])
+
+
+def test_wandb_and_profile_steps_are_typed_keys_off_by_default(tmp_path):
+    cfg = config_from_dict({})
+    assert cfg.logging.wandb.mode == "disabled" and cfg.logging.profile_steps == []
+    p = write(tmp_path, {"logging": {"wandb": {"project": "mdiff", "mode": "offline", "tags": ["a", "b"]},
+                                     "profile_steps": [2, 3]}})
+    cfg = load_config(p, ["logging.wandb.name=x"])
+    assert (cfg.logging.wandb.project, cfg.logging.wandb.mode, cfg.logging.wandb.tags) == ("mdiff", "offline", ["a", "b"])
+    assert cfg.logging.wandb.name == "x" and cfg.logging.profile_steps == [2, 3]
+
+
+@pytest.mark.parametrize("logging,key,msg", [
+    ({"wandb": {"project": "p", "mode": "on"}}, "logging.wandb.mode", "is not one of ['disabled', 'online', 'offline']"),
+    ({"wandb": {"project": "p", "entitty": "me"}}, "logging.wandb.entitty", "unknown key"),
+    ({"wandb": {"project": 3}}, "logging.wandb.project", "must be a string"),
+    ({"wandb": "offline"}, "logging.wandb", "must be a mapping"),
+    ({"wandb": {"mode": "offline"}}, "logging.wandb.project", "must be set when logging.wandb.mode is 'offline'"),
+    ({"profile_steps": [3]}, "logging.profile_steps", "[first, last]"),
+    ({"profile_steps": [3, 2]}, "logging.profile_steps", "1 <= first <= last"),
+    ({"profile_steps": [0, 2]}, "logging.profile_steps", "got [0, 2]"),
+    ({"profile_steps": ["a", 2]}, "logging.profile_steps[0]", "must be an int"),
+    ({"profile_steps": 5}, "logging.profile_steps", "must be a list"),
+])
+def test_bad_wandb_and_profile_settings_name_the_key(tmp_path, logging, key, msg):
+    p = write(tmp_path, {"logging": logging})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert key in str(e.value) and msg in str(e.value) and str(p) in str(e.value)

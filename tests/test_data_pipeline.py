@@ -155,6 +155,51 @@ def test_corrupt_or_missing_shard_detected(sotu, tmp_path):
         check_manifest(out)
 
 
+def test_sha256_verified_once_per_shard_then_cached(sotu, tmp_path, monkeypatch):
+    """ShardDigests: the first verification reads every shard; later ones only stat them; a replaced shard
+    (new mtime) is read again and a corrupt one is still caught."""
+    import os
+
+    from data_pipeline import manifest
+
+    monkeypatch.setenv("MDIFF_VERIFY_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "c"
+    prepare(sotu[:12], out, 64, 0.25, 0, 1, shard_bytes=1 << 14)
+    reads = []
+    real = manifest.file_sha256
+    monkeypatch.setattr(manifest, "file_sha256", lambda p: reads.append(Path(p).name) or real(p))
+    check_manifest(out, verify_sha256=True)
+    n = len(reads)
+    assert n >= 3 and list((tmp_path / "cache").glob("*.json"))
+    check_manifest(out, verify_sha256=True)
+    assert len(reads) == n                                   # cached: nothing read again
+    shard = out / "train" / "shard.00001.mds"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # replaced: a newer mtime
+    with pytest.raises(ValueError, match=r"sha256 of shard .*shard\.00001\.mds"):
+        check_manifest(out, verify_sha256=True)
+    assert reads[n:] == ["shard.00001.mds"]
+
+
+def test_out_of_vocabulary_ids_name_the_shard_and_row(sotu, tmp_path):
+    from data_pipeline.loader import open_rows
+
+    out = tmp_path / "c"
+    prepare(sotu[:12], out, 64, 0.25, 0, 1, shard_bytes=1 << 14)
+    rows = open_rows(out, "train")
+    assert rows.vocab_size == 50257
+    rows.__getitems__([0, 1, 2])                             # in range: fine
+    V = rows.vocab_size = int(rows.row(2).max())             # pretend the vocabulary is smaller
+    bad = next(i for i in (0, 1, 2, 3) if rows.row(i).max() >= V)
+    pos = int(np.flatnonzero(rows.row(bad) >= V)[0])
+    with pytest.raises(ValueError, match=rf"train/shard\.\d+\.mds: sample \d+ \(row {bad} of split 'train'\): "
+                                         rf"token id {int(rows.row(bad)[pos])} at position {pos} .* \[0, {V}\)"):
+        rows.__getitems__([0, 1, 2, 3])
+
+
 def test_train_loader_dp_ranks_disjoint_and_tp_peers_identical(small_data):
     out, m = small_data
     B, steps = 4, 30
