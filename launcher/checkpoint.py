@@ -203,7 +203,7 @@ def newest_verified(ckpt_root: Path) -> tuple[str | None, list[str]]:
         problem = verify(ckpt_root / tag)
         if problem is None:
             return tag, skipped
-        skipped.append(problem)
+        skipped.append(f"{ckpt_root / tag}: {problem}")
     return None, skipped
 
 

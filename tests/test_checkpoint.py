@@ -276,7 +276,7 @@ def test_find_resumable_warns_and_names_the_bad_file(tmp_path):
     # both newer ones are named: the torn step 9 (no COMPLETE.json) and step 6's corrupt file
     torn = tmp_path / checkpoint.tag_for(9)
     assert skipped == [f"skipping checkpoint {torn}: no {checkpoint.COMPLETE} (a save that did not finish)",
-                       f"skipping checkpoint {bad}: checksum mismatch (corrupt or partially written)"], skipped
+                       f"skipping checkpoint {bad.parent}: {bad}: checksum mismatch (corrupt or partially written)"], skipped
     assert [str(w.message) for w in caught] == skipped
     assert checkpoint.newest_verified(tmp_path) == (tag, [w.split("skipping checkpoint ", 1)[1] for w in skipped])
     assert "checksum mismatch" in checkpoint.verify(tmp_path / checkpoint.tag_for(6))

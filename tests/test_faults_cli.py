@@ -352,7 +352,7 @@ def test_skipped_checkpoints_are_named_by_submit_and_in_tensorboard(tmp_path, da
                  "checkpoint.keep_last=3", procs=1)
     lines = out.stdout.splitlines()
     assert f"WARNING: skipping checkpoint {torn}: no COMPLETE.json (a save that did not finish)" in lines, out.stdout
-    assert any(l.startswith(f"WARNING: skipping checkpoint {victim}: checksum mismatch") for l in lines), out.stdout
+    assert any(l.startswith(f"WARNING: skipping checkpoint {corrupt}: {victim}: checksum mismatch") for l in lines), out.stdout
     assert f"resuming from {ckpt / 'step_00000004'}" in lines
     resolved = json.loads((tmp_path / "runs" / "skip" / "resolved.json").read_text())
     assert any("step_00000008" in w for w in resolved["warnings"]) and any(str(victim) in w for w in resolved["warnings"])
