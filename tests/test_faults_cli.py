@@ -278,13 +278,13 @@ def test_usr2_to_the_printed_job_id_checkpoints_and_the_local_job_resumes_itself
     proc = _popen_submit(tmp_path, data_dir, "run.name=usr2", "optim.train_steps=10", "checkpoint.interval=100")
     lines = _Lines(proc)
     try:
-        job = int(lines.until(r"submitted job (\d+)", 60).group(1))
-        lines.until(r"^\[step 3\] 3/10 train", 180)
+        job = int(lines.until(r"submitted job (\d+)", 300).group(1))
+        lines.until(r"^\[step 3\] 3/10 train", 600)
         ranks = _rank_processes(job)
         assert sorted(ranks) == [0, 1], ranks
         psutil.Process(job).send_signal(signal.SIGUSR2)          # what `kill -USR2 <job id>` does
-        lines.until(r"preempted: checkpoint saved", 120)
-        out, err = lines.finish(300)
+        lines.until(r"preempted: checkpoint saved", 300)
+        out, err = lines.finish(600)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -310,8 +310,8 @@ def test_a_killed_rank_ends_the_local_job_naming_rank_and_signal_then_the_same_c
     proc = _popen_submit(tmp_path, data_dir, *overrides)
     lines = _Lines(proc)
     try:
-        job = int(lines.until(r"submitted job (\d+)", 60).group(1))
-        lines.until(r"^\[step 5\] 5/10 train", 180)
+        job = int(lines.until(r"submitted job (\d+)", 300).group(1))
+        lines.until(r"^\[step 5\] 5/10 train", 600)
         victim = _rank_processes(job)[0]
         victim.send_signal(signal.SIGKILL)
         t_kill = time.monotonic()
