@@ -7,18 +7,24 @@ PY := $(VENV)/bin/python
 export TIKTOKEN_CACHE_DIR :=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: env demo test bench
+.PHONY: env test-env demo test bench
 
+# the package (all the demo needs); test-env adds the test and evaluation extras (pytest, lm-eval, wandb)
 env: $(VENV)/.installed
+test-env: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 demo: env
 	bash launcher/demo.sh
 
-test: env
+test: test-env
 	$(PY) -m pytest -q --durations=25 tests $(PYTEST_ARGS)
