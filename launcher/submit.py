@@ -256,6 +256,11 @@ def main(argv=None) -> int:
 
         executor = slurm_executor(cfg, args, run_dir)
     if args.local is not None:
+        # Ctrl-C cancels a local job (interrupted()). A shell without job control starts background commands
+        # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler: take SIGINT back, so
+        # that the controller and the ranks, which inherit the disposition, end on it as well.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         # submitit's local controller writes to the submitter's stderr; on Ctrl-C (SIGINT to the whole
         # foreground process group) it would print its KeyboardInterrupt traceback there. It inherits this
         # file as its stderr instead; the ranks log to their own files under submitit/.

@@ -767,14 +767,16 @@ def _take_run_lock(run_dir: Path):
     try:
         import submitit
 
-        rank = submitit.JobEnvironment().global_rank
+        env = submitit.JobEnvironment()
+        rank, job_id = env.global_rank, env.job_id
     except Exception:      # not under submitit (torchrun / srun entry)
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if rank != 0:
         return None
     from launcher.runlock import acquire
 
-    return acquire(run_dir)
+    return acquire(run_dir, job_id=job_id)    # a requeue of the same job waits for its predecessor
 
 
 def train_main(run_dir: str) -> dict | None:
