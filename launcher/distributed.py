@@ -82,7 +82,7 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
     that many model chunks per pipeline rank, megatron's interleaved schedule)."""
     from megatron.core import parallel_state
 
-    from launcher import megatron_cpu
+    from launcher import parallelize
 
     use_cuda = torch.cuda.is_available()
     source = export_env_from_launcher()
@@ -112,7 +112,7 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
                          f"{tensor_parallel} x {pipeline_parallel}")
     # megatron's parallel state (and its CPU layer without CUDA); the same base seed on every rank, megatron
     # offsets the tensor-parallel RNG per TP rank
-    megatron_cpu.init_model_parallel(tensor_parallel, pipeline_parallel, seed, virtual_pipeline)
+    parallelize.init_model_parallel(tensor_parallel, pipeline_parallel, seed, virtual_pipeline)
     return DistInfo(
         rank=rank, world_size=world, local_rank=local_rank,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),

@@ -22,7 +22,7 @@ Consolidation (megatron-core local spec, num_query_groups = num_attention_heads)
   pipeline stages: stage p's decoder.layers.i is global layer p * L / PP + i; with interleaved stages
       (parallel.virtual_pipeline = VPP > 1) the module holds model chunks and chunk c's
       chunks.c.decoder.layers.i is global layer (c * PP + p) * L / (PP * VPP) + i (megatron's own offsets:
-      model.denoiser.global_parameter_name, which training's CPU initialisation uses too).
+      launcher.parallelize.global_parameter_name, which training's CPU initialisation uses too).
   vocabulary padding is stripped: word embeddings keep V + 1 rows (the mask id is V), the output V.
 
 The export directory:
@@ -201,7 +201,7 @@ def consolidate(parts: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int, 
                 num_layers: int, vpp: int = 1) -> dict[str, torch.Tensor]:
     """Per-(tp, pp) megatron state dicts (model chunks `chunks.<c>.` under vpp > 1) -> one TP = PP = 1 state
     dict (still vocabulary-padded)."""
-    from model.denoiser import global_parameter_name
+    from launcher.parallelize import global_parameter_name
 
     full: dict[str, torch.Tensor] = {}
     for p in range(pp):
@@ -409,11 +409,11 @@ def _load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
 def load_into_megatron(model: torch.nn.Module, export_dir: str | Path, cfg) -> dict:
     """Copy an export into this rank's shard of a megatron denoiser (model/denoiser.py), built at any
     TP/PP/VPP (a stage or a ModelChunks): re-pad the vocabulary, slice tensor-parallel tensors, map each
-    parameter to its global name (model.denoiser.global_parameter_name: chunk prefix, layer offset). The
+    parameter to its global name (launcher.parallelize.global_parameter_name: chunk prefix, layer offset). The
     export's architecture and diffusion kind must equal the run's. Returns the export's config.json."""
     from megatron.core import parallel_state as ps
 
-    from model.denoiser import current_layout, global_parameter_name
+    from launcher.parallelize import current_layout, global_parameter_name
 
     exp_cfg, tensors, doc = read_export(export_dir)
     where = Path(export_dir) / CONFIG_FILE

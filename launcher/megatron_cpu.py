@@ -17,14 +17,14 @@ torch says "Torch not compiled with CUDA enabled" instead of "Found no NVIDIA dr
      functions with custom_fwd/custom_bwd(device_type="cuda"), so under torch.autocast("cpu") the backward
      ran without autocast and mixed bf16 grads with fp32 weights).
 
-The engine calls `apply()` once per process before building a model (`init_model_parallel` does it).
+The engine calls `apply()` once per process before building a model (launcher.parallelize.init_model_parallel
+does it).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
-import socket
 from typing import Any
 
 import torch
@@ -262,30 +262,11 @@ def seed_model_parallel(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def init_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
-                        virtual_pipeline: int = 1) -> None:
-    """After torch.distributed is initialised: apply the CPU layer (if no CUDA), set up megatron's
-    parallel_state (TP x PP, virtual_pipeline model chunks per pipeline rank; DP is what is left of the world)
-    and seed. Call once per process."""
-    from megatron.core import parallel_state
-
-    apply()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
-            virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None)
-    seed_model_parallel(seed)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_single_process_megatron(seed: int = 1234) -> None:
     """For tests and tools: a one-process gloo world with TP=PP=1, the CPU layer applied, seeded."""
     import torch.distributed as dist
+
+    from launcher.parallelize import free_port, init_model_parallel
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from launcher.config import Config, load_config, validate_world
 from model.diffusion import antithetic_times
+from model import vocab_parallel
 from model.objectives import bound_summary, heldout_nelbo, make_objective, row_noise  # noqa: F401  (re-export)
 
 LN2 = math.log(2.0)
@@ -90,28 +91,6 @@ def autocast_ctx(precision: "str | Config", device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def deepspeed_config(cfg: Config, batch) -> dict:
-    """DeepSpeed's config for the resolved batch split `batch` (launcher.config.BatchLayout)."""
-    o, p = cfg.optim, cfg.parallel
-    gas, micro = batch.grad_accum, batch.micro_batch_size
-    if p.pipeline_parallel > 1:
-        # megatron's pipeline schedule runs the micro-batches; DeepSpeed sees one step per global batch
-        micro, gas = micro * gas, 1
-    return {
-        "train_batch_size": o.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": p.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        # bf16 is applied by torch.autocast over fp32 master weights (fp32 loss reductions)
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -197,7 +176,7 @@ class Trainer:
         from data_pipeline.loader import build_eval_loader, build_train_loader, resolve_data_dir
         from data_pipeline.manifest import check_manifest
         from launcher.distributed import MegatronMPU, init_distributed
-        from model.denoiser import build_pipeline_stage
+        from launcher.parallelize import build_pipeline_stage, deepspeed_config
 
         cfg = self.cfg
         self.info = info = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
@@ -249,7 +228,7 @@ class Trainer:
             if info.is_main:
                 print(f"initialised from {cfg.checkpoint.init_from} ({doc['weights']} weights of step "
                       f"{doc.get('step')})", flush=True)
-        self.objective = make_objective(cfg, model)
+        self.objective = make_objective(cfg, model, vocab=vocab_parallel.from_parallel_state())
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -456,7 +435,7 @@ class Trainer:
         the last chunk of the last rank the loss)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from model.denoiser import model_chunks
+        from launcher.parallelize import model_chunks
 
         chunks = model_chunks(self.engine.module)
         dtype = chunks[0].config.pipeline_dtype

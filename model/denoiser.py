@@ -8,9 +8,10 @@ forward(input_ids [b, s], labels [b, s]) -> per-token NLL [b, s] float32, comput
 logits are never gathered in training); forward(input_ids) -> vocab-parallel logits [b, s, V_out / TP];
 `gather_logits` turns those into full [b, s, V] for sampling and evaluation.
 
-Variants (model/diffusion/ holds their math): Prime replaces the input embedding by the sub-token
-embedding (input_ids are digits [b, s, l]; output logits stay over the V tokens); GenMD4 registers its
-learned schedule `genmd4_schedule` (w = softplus(raw)) so it trains and checkpoints with the network.
+What a diffusion kind adds to the network arrives as plain arguments (model.objectives.network_parts):
+`input_digits` l > 0 replaces the input embedding by Prime's sub-token embedding (input_ids are digits
+[b, s, l]; output logits stay over the V tokens); `extra_modules` are registered as submodules so they
+train and checkpoint with the network (GenMD4's learned schedule `genmd4_schedule`, w = softplus(raw)).
 
 Time conditioning (model.time_conditioning = adaln): adaLN-zero (model/adaln.py); forward then takes t [b],
 every layer is AdaLNTransformerLayer and gets the features of t as the block's `context`.
@@ -22,18 +23,15 @@ the ELBO is per dimension and bits/dim need no correction.
 
 Pipeline parallelism: a stage built with pre_process=False takes its input from `set_input_tensor` (megatron's
 schedules call it) and ignores input_ids; a stage with post_process=False returns hidden states [s, b, h].
-Interleaved (virtual) pipeline stages: each pipeline rank holds several model chunks (vp_stage 0, 1, ...),
-wrapped for DeepSpeed in one `ModelChunks`; `global_parameter_name` maps any rank's parameter names to the
-whole model's.
+Which stages and chunks a rank builds, the sequence-parallel gradient hooks and the DeepSpeed config are
+the parallel layout, applied in launcher/parallelize.py.
 
 The denoiser knows nothing about which diffusion it serves (model/diffusion/ holds the math).
 """
 from __future__ import annotations
 
 import copy
-import functools
 import math
-import re
 from typing import Optional
 
 import torch
@@ -53,7 +51,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
                                                          get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank
 
 from model.adaln import TIME_FEATURES, modulate, timestep_features, zero_linear
@@ -139,28 +137,6 @@ class TorchLayerNorm(torch.nn.LayerNorm):
         super().__init__(hidden_size, eps=eps)
         for p in self.parameters():
             setattr(p, "sequence_parallel", config.sequence_parallel)
-
-
-def sum_sequence_parallel_grads(model: torch.nn.Module) -> int:
-    """Under sequence parallelism, parameters marked `sequence_parallel` (norms, row-parallel biases) are
-    replicated over TP but each rank's gradient covers only its sequence slice: a hook on each sums the
-    slices over the TP group as the gradient is produced, before DeepSpeed's gradient hooks read it (what
-    megatron's finalize_model_grads does for megatron's own DDP). Returns the number of hooked parameters."""
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return 0
-    group = parallel_state.get_tensor_model_parallel_group()
-
-    def hook(grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=group)
-        return grad
-
-    hooked = 0
-    for p in model.parameters():
-        if p.requires_grad and getattr(p, "sequence_parallel", False):
-            p.register_hook(hook)
-            hooked += 1
-    return hooked
 
 
 class AutocastInputColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
@@ -250,8 +226,8 @@ class MaskedDiffusionTransformer(MegatronModule):
     def __init__(self, config: TransformerConfig, *, vocab_size: int, max_sequence_length: int,
                  position_embedding: str = "rope", zero_init_output: bool = True,
                  make_vocab_size_divisible_by: int = 128, pre_process: bool = True,
-                 post_process: bool = True, prime_l: int = 0, genmd4: Optional[tuple[float, float]] = None,
-                 attention: str = "sdpa", image_shape: Optional[tuple[int, int, int]] = None,
+                 post_process: bool = True, input_digits: int = 0,
+                 extra_modules: Optional[dict[str, torch.nn.Module]] = None, attention: str = "sdpa", image_shape: Optional[tuple[int, int, int]] = None,
                  time_conditioning: str = "none", vp_stage: Optional[int] = None):
         super().__init__(config=config)
         if position_embedding not in ("rope", "learned"):
@@ -272,7 +248,7 @@ class MaskedDiffusionTransformer(MegatronModule):
         self.vp_stage = vp_stage       # model chunk index under interleaved PP (read by megatron's schedules)
         pgs = ProcessGroupCollection.use_mpu_process_groups()   # megatron's parallel_state groups
 
-        self.prime_l = prime_l
+        self.prime_l = prime_l = input_digits
         if prime_l and position_embedding != "rope":
             raise ValueError("Prime's sub-token embedding needs position_embedding='rope'")
         if pre_process and prime_l:
@@ -317,10 +293,10 @@ class MaskedDiffusionTransformer(MegatronModule):
                 self.final_ada_ln = zero_linear(TIME_FEATURES, 2 * config.hidden_size, dtype=config.params_dtype)
                 for p in self.final_ada_ln.parameters():
                     setattr(p, "sequence_parallel", config.sequence_parallel)
-        if genmd4 is not None:
-            # GenMD4's learned schedule w (one entry per token value) trains with the network; replicated
-            from model.diffusion.genmd4 import GenMD4Schedule
-            self.genmd4_schedule = GenMD4Schedule(vocab_size, eps=genmd4[0], t1=genmd4[1])
+        # the objective's own modules (GenMD4's learned schedule w, one entry per token value): trained and
+        # saved with the network, replicated over TP
+        for name, module in (extra_modules or {}).items():
+            self.add_module(name, module)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by megatron's pipeline schedules with the previous stage's output (or [None])."""
@@ -488,153 +464,24 @@ def transformer_config(model_cfg, *, params_dtype: torch.dtype = torch.float32, 
 
 
 def build_denoiser(model_cfg, *, params_dtype: torch.dtype = torch.float32, pre_process: bool = True,
-                   post_process: bool = True, diffusion_cfg=None, whole_model: bool = False,
+                   post_process: bool = True, input_digits: int = 0,
+                   extra_modules: Optional[dict[str, torch.nn.Module]] = None, whole_model: bool = False,
                    sequence_parallel: bool = False, vp_stage: Optional[int] = None) -> MaskedDiffusionTransformer:
     """The denoiser for `model_cfg` (launcher.config.ModelConfig), one pipeline stage of it under PP.
 
-    Needs megatron's parallel_state initialised (launcher.megatron_cpu.init_model_parallel). For PP pass
+    Needs megatron's parallel_state initialised (launcher.parallelize.init_model_parallel). For PP pass
     pre_process=parallel_state.is_pipeline_first_stage(), post_process=...is_pipeline_last_stage(); under
-    interleaved PP one call per model chunk (vp_stage; see build_pipeline_stage).
-    diffusion_cfg (launcher.config.DiffusionConfig) selects Prime's sub-token input (kind prime) or
-    GenMD4's learned schedule w (kind genmd4); None or md4: the token denoiser. sequence_parallel
-    (TP > 1): megatron's sequence parallelism, the TP gradient sums of `sequence_parallel` parameters
-    hooked in."""
-    kind = getattr(diffusion_cfg, "kind", "md4")
-    model = MaskedDiffusionTransformer(
+    interleaved PP one call per model chunk (vp_stage; launcher.parallelize.build_pipeline_stage does all that).
+    input_digits / extra_modules: what the diffusion kind adds (model.objectives.network_parts).
+    sequence_parallel (TP > 1): megatron's sequence parallelism in the layers; its gradient hooks are
+    launcher.parallelize.sum_sequence_parallel_grads."""
+    return MaskedDiffusionTransformer(
         transformer_config(model_cfg, params_dtype=params_dtype, whole_model=whole_model,
                            sequence_parallel=sequence_parallel),
         vocab_size=model_cfg.vocab_size, max_sequence_length=model_cfg.seq_len,
         position_embedding=model_cfg.position_embedding, zero_init_output=model_cfg.zero_init_output,
         make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,
-        pre_process=pre_process, post_process=post_process,
-        prime_l=diffusion_cfg.prime_l if kind == "prime" else 0,
-        genmd4=(diffusion_cfg.eps, diffusion_cfg.genmd4_t1) if kind == "genmd4" else None,
-        attention=resolve_attention(getattr(model_cfg, "attention", "auto")),
+        pre_process=pre_process, post_process=post_process, input_digits=input_digits,
+        extra_modules=extra_modules, attention=resolve_attention(getattr(model_cfg, "attention", "auto")),
         image_shape=getattr(model_cfg, "image_shape", None),
         time_conditioning=model_cfg.time_conditioning, vp_stage=vp_stage)
-    if sequence_parallel:
-        sum_sequence_parallel_grads(model)
-    return model
-
-
-class ModelChunks(torch.nn.Module):
-    """The model chunks (virtual pipeline stages) of one pipeline rank as one module, so that DeepSpeed's one
-    engine (ZeRO, gradient clipping, checkpoints) and the EMA see every chunk's parameters. Parameter names are
-    `chunks.<vp_stage>.<the chunk's own name>`. megatron's interleaved schedule runs the chunks themselves
-    (`model_chunks(module)`); this container has no forward of its own."""
-
-    def __init__(self, chunks: list[MaskedDiffusionTransformer]):
-        super().__init__()
-        self.chunks = torch.nn.ModuleList(chunks)
-
-    @property
-    def config(self) -> TransformerConfig:
-        return self.chunks[0].config
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("ModelChunks has no forward of its own: megatron's interleaved pipeline schedule runs "
-                           "each of model_chunks(module)")
-
-
-def model_chunks(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The list of model chunks megatron's schedules take: [module] for one stage, the chunks of a ModelChunks."""
-    return list(module.chunks) if isinstance(module, ModelChunks) else [module]
-
-
-def build_pipeline_stage(model_cfg, *, diffusion_cfg=None, params_dtype: torch.dtype = torch.float32,
-                         sequence_parallel: bool = False) -> torch.nn.Module:
-    """This rank's part of the denoiser (megatron's parallel_state says which): the whole model at PP=1, its
-    pipeline stage under PP, and under interleaved PP (virtual pipeline size VPP) a `ModelChunks` of VPP chunks,
-    chunk c holding the layers megatron assigns it ((c * PP + p) * L / (PP * VPP) ... on pipeline rank p; the
-    embedding only on chunk 0 of rank 0, the output layer only on the last chunk of the last rank).
-
-    On CPU (megatron's `use_cpu_initialization`) the initial weights do not depend on the layout: the
-    full model is drawn with the same generator as at PP=1 and each stage or chunk keeps its slice of it
-    (`global_parameter_name`), so every layout starts from the same weights. The generator is left where the
-    PP=1 build leaves it."""
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp == 1:
-        return build_denoiser(model_cfg, params_dtype=params_dtype, diffusion_cfg=diffusion_cfg,
-                              sequence_parallel=sequence_parallel)
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-
-    def build_chunks() -> list[MaskedDiffusionTransformer]:
-        return [build_denoiser(model_cfg, params_dtype=params_dtype, diffusion_cfg=diffusion_cfg, vp_stage=vp,
-                               sequence_parallel=sequence_parallel,
-                               pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                               post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp))
-                for vp in ([None] if vpp is None else range(vpp))]
-
-    if torch.cuda.is_available():   # GPU initialisation is per rank (megatron's RNG tracker) anyway
-        chunks = build_chunks()
-        return chunks[0] if vpp is None else ModelChunks(chunks)
-    full = build_denoiser(model_cfg, params_dtype=params_dtype, diffusion_cfg=diffusion_cfg,
-                          whole_model=True).state_dict()
-    after_full = torch.get_rng_state()
-    chunks = build_chunks()
-    torch.set_rng_state(after_full)
-    stage = chunks[0] if vpp is None else ModelChunks(chunks)
-    stage.load_state_dict(stage_state_dict(full, stage.state_dict().keys(), model_cfg.num_layers))
-    return stage
-
-
-def stage_state_dict(full: dict, stage_keys, num_layers: int) -> dict:
-    """The entries of a full (PP=1) state dict that this rank's stage or ModelChunks holds, under its own names
-    (megatron's parallel_state gives the layout; `global_parameter_name` the mapping)."""
-    layout = current_layout()
-    out = {}
-    for key in stage_keys:
-        src = global_parameter_name(key, num_layers=num_layers, **layout)
-        if src not in full:
-            raise KeyError(f"{src} (stage parameter {key}) is not in the full state dict")
-        out[key] = full[src]
-    return out
-
-
-# ----- where a pipeline rank's parameters sit in the whole model ------------------------------------------
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_CHUNK = re.compile(r"^chunks\.(\d+)\.")
-
-
-def current_layout() -> dict:
-    """This rank's (pipeline_parallel, virtual_pipeline, pp_rank) from megatron's parallel_state, as the keyword
-    arguments of `global_parameter_name`."""
-    return {"pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
-            "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
-            "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
-
-
-@functools.lru_cache(maxsize=None)
-def layer_offset(num_layers: int, pipeline_parallel: int, virtual_pipeline: int, pp_rank: int,
-                 vp_stage: int = 0) -> int:
-    """Global index of the first decoder layer of pipeline rank `pp_rank`'s stage (chunk `vp_stage` under
-    interleaved PP), as megatron-core places it (transformer_layer.get_transformer_layer_offset, the offset
-    TransformerBlock builds its layers at): p * L / PP without virtual stages, (c * PP + p) * L / (PP * VPP)
-    with them."""
-    if pipeline_parallel == 1:
-        return 0
-    vpp = virtual_pipeline if virtual_pipeline > 1 else None
-    layout = TransformerConfig(num_layers=num_layers, hidden_size=1, num_attention_heads=1,
-                               pipeline_model_parallel_size=pipeline_parallel, pipeline_dtype=torch.float32,
-                               virtual_pipeline_model_parallel_size=vpp)
-    return get_transformer_layer_offset(layout, vp_stage=vp_stage if vpp else None, pp_rank=pp_rank)
-
-
-def global_parameter_name(name: str, *, num_layers: int, pipeline_parallel: int, pp_rank: int,
-                          virtual_pipeline: int = 1) -> str:
-    """A parameter (state-dict) name of pipeline rank `pp_rank`'s module -> its name in the whole TP=1, PP=1
-    model: the ModelChunks prefix `chunks.<c>.` (present exactly when virtual_pipeline > 1) is dropped and
-    `decoder.layers.<i>.` becomes the global layer number (layer_offset). Tensor-parallel shards keep
-    their names."""
-    m = _CHUNK.match(name)
-    if (m is not None) != (virtual_pipeline > 1):
-        raise ValueError(f"{name}: " + (f"a model chunk's parameter, but virtual_pipeline={virtual_pipeline}" if m
-                                        else f"no 'chunks.<c>.' prefix under virtual_pipeline={virtual_pipeline}"))
-    vp_stage = 0
-    if m is not None:
-        vp_stage, name = int(m[1]), name[m.end():]
-        if vp_stage >= virtual_pipeline:
-            raise ValueError(f"chunks.{vp_stage}.{name}: chunk {vp_stage} of virtual_pipeline={virtual_pipeline}")
-    offset = layer_offset(num_layers, pipeline_parallel, virtual_pipeline, pp_rank, vp_stage)
-    return _LAYER.sub(lambda k: f"decoder.layers.{int(k[1]) + offset}.", name)

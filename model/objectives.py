@@ -11,10 +11,9 @@ An objective turns clean rows x0 [B, N] plus per-row randomness (u [B] in [0, 1)
 negative-ELBO estimate (a valid upper bound on -log p(x0) in expectation). The split into prepare /
 finish is what pipeline parallelism needs: prepare runs where the batch is, finish on the last stage.
 
-The math lives in model/diffusion/; the only parallel knowledge here is the optional tensor-parallel
-`group` and the column offset of this rank's vocabulary slice, which vocab-parallel logits need
-(Prime's carry-over filter and digit marginals, GenMD4's sum_j w_j mu_j). Outside megatron (plain
-single-process models) both are None / 0.
+The math lives in model/diffusion/. Vocab-parallel logits (Prime's carry-over filter and digit marginals,
+GenMD4's sum_j w_j mu_j) reduce over the objective's `vocab` shard: model/diffusion/vocab.py's LOCAL (all
+columns here) by default; the engine passes model.vocab_parallel.from_parallel_state() under TP > 1.
 
 Noise layout: S = objective.noise_streams(train) streams of [N] uniforms per row:
     md4:    1 (the token masks)
@@ -31,17 +30,7 @@ import torch
 
 from model.diffusion.md4 import (continuous_loss_from_nll, corrupt, discrete_loss_from_nll, discrete_steps)
 from model.diffusion.schedules import Schedule, make_schedule
-
-
-def _vocab_group():
-    """(tensor-parallel group or None, rank in it) when megatron's parallel state is up with TP > 1."""
-    try:
-        from megatron.core import parallel_state as ps
-    except ImportError:   # pragma: no cover - megatron is a dependency
-        return None, 0
-    if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
-        return None, 0
-    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
+from model.diffusion.vocab import LOCAL, VocabShard
 
 
 class Objective:
@@ -49,6 +38,8 @@ class Objective:
     # the denoiser takes the diffusion time of each row (model.time_conditioning=adaln): `prepare` adds
     # t [rows] to the model kwargs, and the samplers call denoiser(ids, t)
     time_conditioned = False
+    # where the logit columns live (model/diffusion/vocab.py): LOCAL, or the tensor-parallel shard
+    vocab: VocabShard = LOCAL
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
@@ -134,10 +125,8 @@ class PrimeObjective(Objective):
     def finish(self, logits, ctx):
         from model.diffusion.prime import digit_nll, prime_loss_from_digit_nll
         y_t, y0, masked, t, maskable = ctx
-        group, rank = _vocab_group()
         dev = logits.device
-        nll = digit_nll(logits, y_t.to(dev), y0.to(dev), self.b, self.vocab_size,
-                        vocab_start=rank * logits.shape[-1], group=group)
+        nll = digit_nll(logits, y_t.to(dev), y0.to(dev), self.b, self.vocab_size, self.vocab)
         loss = prime_loss_from_digit_nll(nll, masked.to(dev), t.to(dev), self.schedule, self.b, maskable)
         return loss, loss.detach()
 
@@ -177,27 +166,21 @@ class GenMD4Objective(Objective):
                 (x0, masks, times, draws, B, maskable))
 
     def finish(self, logits, ctx):
-        from model.diffusion.genmd4 import reinforce_loo
+        from model.diffusion.genmd4 import genmd4_loss, genmd4_token_terms, reinforce_loo
         x0, masks, times, draws, B, maskable = ctx
         sched = self._schedule()
         dev = logits.device
         x0 = x0.to(dev)
-        group, rank = _vocab_group()
-        vocab_start = rank * logits.shape[-1]
-        w = sched.w
-        nll, expected_w = _vocab_parallel_nll_and_mean(logits.float(), torch.cat([x0] * (2 * draws)), w,
-                                                        vocab_start, self.vocab_size, group)
+        # one pass over the [2 * draws * B] rows (per draw: at t, then at t1)
+        nll, mean_w = genmd4_token_terms(logits, torch.cat([x0] * (2 * draws)), sched.w, self.vocab_size, self.vocab)
         per_draw = []
         for d in range(draws):
-            k_t, k_r = 2 * d, 2 * d + 1
-            sl_t, sl_r = slice(k_t * B, (k_t + 1) * B), slice(k_r * B, (k_r + 1) * B)
-            m_t, m_r = masks[k_t].to(dev), masks[k_r].to(dev)
-            t = times[k_t].to(dev)
-            wi = w[x0]
-            per_tok = (expected_w[sl_t] - wi + wi * nll[sl_t]) / t.to(nll.dtype)[:, None]
-            L = (1.0 - sched.t1) * (per_tok * m_t.to(per_tok.dtype)).sum(1)
-            L = L + (nll[sl_r] * m_r.to(nll.dtype)).sum(1)
-            log_q = sched.log_q(x0, m_t, t, maskable) + sched.log_q(x0, m_r, times[k_r].to(dev), maskable)
+            rows_t, rows_r = slice(2 * d * B, (2 * d + 1) * B), slice((2 * d + 1) * B, (2 * d + 2) * B)
+            m_t, m_r = masks[2 * d].to(dev), masks[2 * d + 1].to(dev)
+            t, t1 = times[2 * d].to(dev), times[2 * d + 1].to(dev)
+            L = genmd4_loss(nll[rows_t], mean_w[rows_t], x0, m_t, t, sched.w, sched.t1)
+            L = L + (nll[rows_r] * m_r.to(nll.dtype)).sum(1)             # reconstruction at t1
+            log_q = sched.log_q(x0, m_t, t, maskable) + sched.log_q(x0, m_r, t1, maskable)
             per_draw.append((L, log_q))
         if draws == 1:
             L = per_draw[0][0]
@@ -206,35 +189,40 @@ class GenMD4Objective(Objective):
         return reinforce_loo(L1, L2, q1, q2), (0.5 * (L1 + L2)).detach()
 
 
-def _vocab_parallel_nll_and_mean(logits, labels, w, vocab_start: int, vocab_size: int, group):
-    """logits [R, N, V_local] (this rank's columns), labels [R, N] -> (-log mu[label] [R, N],
-    sum_j w_j mu_j [R, N]) with mu = softmax over all V real classes across the group."""
-    from model.diffusion.prime import _finite_or_zero, _max_across, _sum_across, _use_on_every_rank
-    V_local = logits.shape[-1]
-    ids = torch.arange(vocab_start, vocab_start + V_local, device=logits.device)
-    valid = ids < vocab_size
-    z = logits.masked_fill(~valid, float("-inf"))
-    m = _finite_or_zero(_max_across(z.amax(-1, keepdim=True), group))
-    e = torch.exp(z - m)
-    s = _sum_across(e.sum(-1, keepdim=True), group)
-    log_s = torch.log(s)          # replicated from here on: every rank computes the same nll
-    # the label's logit lives on one rank: pick it there, sum across ranks
-    local = (labels >= vocab_start) & (labels < vocab_start + V_local)
-    idx = (labels - vocab_start).clamp(0, V_local - 1)
-    picked = torch.where(local, z.gather(-1, idx[..., None]).squeeze(-1), torch.zeros_like(m[..., 0]))
-    picked = _sum_across(picked, group)
-    nll = (m[..., 0] + log_s[..., 0]) - picked
-    # w is replicated but only this rank's columns meet it here: its gradient is summed over the group
-    w_local = _use_on_every_rank(w, group)[vocab_start:vocab_start + V_local].to(e.dtype)
-    w_local = torch.where(valid, w_local if w_local.shape[0] == V_local else
-                          torch.nn.functional.pad(w_local, (0, V_local - w_local.shape[0])), 0.0)
-    mean_w = _sum_across((e * w_local).sum(-1), group) / s[..., 0]
-    return nll, mean_w
+def network_parts(diffusion_cfg, vocab_size: int) -> dict:
+    """What a diffusion kind adds to the network, as keyword arguments of model.denoiser.build_denoiser and
+    model.plain.PlainDenoiser: `input_digits` (Prime: l sub-tokens per position; 0 = token ids) and
+    `extra_modules` trained and saved with the network (GenMD4's learned schedule w; fresh modules per call).
+    diffusion_cfg: launcher.config.DiffusionConfig, or None for MD4."""
+    kind = getattr(diffusion_cfg, "kind", "md4")
+    if kind == "prime":
+        return {"input_digits": diffusion_cfg.prime_l}
+    if kind == "genmd4":
+        from model.diffusion.genmd4 import GenMD4Schedule
+        return {"extra_modules": {"genmd4_schedule": GenMD4Schedule(vocab_size, eps=diffusion_cfg.eps,
+                                                                    t1=diffusion_cfg.genmd4_t1)}}
+    return {}
 
 
-def make_objective(cfg, model=None, steps: int | None = None) -> Objective:
+def logits_model(denoiser: Callable) -> Callable:
+    """A logits denoiser `denoiser(ids, t=None) -> [B, N, >= V]` (an oracle, a sampler's callable) in the
+    model convention the objectives call: forward(input_ids, labels=None, loss_mask=None, t=None) returns the
+    logits, or with labels the per-token NLL (0 where loss_mask is False), as model/plain.py does."""
+    from model.diffusion.md4 import token_nll_from_logits
+
+    def forward(input_ids, labels=None, loss_mask=None, t=None):
+        logits = denoiser(input_ids) if t is None else denoiser(input_ids, t)
+        if labels is None:
+            return logits
+        nll = token_nll_from_logits(logits, labels.to(logits.device))
+        return nll if loss_mask is None else nll * loss_mask.to(nll.device).to(nll.dtype)
+    return forward
+
+
+def make_objective(cfg, model=None, steps: int | None = None, vocab: VocabShard = LOCAL) -> Objective:
     """The objective of a resolved config (launcher.config.Config). GenMD4 needs the model, whose
-    `genmd4_schedule` holds the learned w. steps=T: MD4's discrete-time bound (MD4 only)."""
+    `genmd4_schedule` holds the learned w. steps=T: MD4's discrete-time bound (MD4 only). vocab: where the
+    model's logit columns live (model.vocab_parallel.from_parallel_state() for a tensor-parallel model)."""
     d = cfg.diffusion
     V = cfg.model.vocab_size
     params = {}
@@ -255,6 +243,7 @@ def make_objective(cfg, model=None, steps: int | None = None) -> Objective:
     else:
         raise ValueError(f"diffusion.kind {d.kind!r} unknown")
     objective.time_conditioned = cfg.model.time_conditioning != "none"
+    objective.vocab = vocab
     return objective
 
 

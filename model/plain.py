@@ -124,16 +124,18 @@ class Embedding(nn.Module):
 
 
 class PlainDenoiser(nn.Module):
-    """The megatron denoiser's math in one process. `from_config(model_cfg, diffusion_cfg)` builds it."""
+    """The megatron denoiser's math in one process. `from_config(model_cfg, diffusion_cfg)` builds it; like
+    model/denoiser.py it takes the diffusion kind's parts (model.objectives.network_parts) as plain arguments."""
 
     def __init__(self, *, vocab_size: int, hidden_size: int, num_layers: int, num_attention_heads: int,
                  ffn_hidden_size: Optional[int] = None, seq_len: int, position_embedding: str = "rope",
-                 dropout: float = 0.0, layernorm_eps: float = 1e-5, prime_l: int = 0,
-                 genmd4: Optional[tuple[float, float]] = None, image_shape=None,
+                 dropout: float = 0.0, layernorm_eps: float = 1e-5, input_digits: int = 0,
+                 extra_modules: Optional[dict[str, nn.Module]] = None, image_shape=None,
                  time_conditioning: str = "none"):
         super().__init__()
         if position_embedding not in ("rope", "learned"):
             raise ValueError(f"position_embedding must be 'rope' or 'learned', got {position_embedding!r}")
+        prime_l = input_digits
         self.vocab_size, self.mask_id, self.seq_len = vocab_size, vocab_size, seq_len
         self.position_embedding, self.prime_l, self.dropout = position_embedding, prime_l, dropout
         self.head_dim = hidden_size // num_attention_heads
@@ -155,20 +157,19 @@ class PlainDenoiser(nn.Module):
         self.output_layer = nn.Linear(hidden_size, vocab_size, bias=False)
         if adaln:
             self.final_ada_ln = zero_linear(TIME_FEATURES, 2 * hidden_size)
-        if genmd4 is not None:
-            from model.diffusion.genmd4 import GenMD4Schedule
-            self.genmd4_schedule = GenMD4Schedule(vocab_size, eps=genmd4[0], t1=genmd4[1])
+        for name, module in (extra_modules or {}).items():     # GenMD4's learned schedule
+            self.add_module(name, module)
 
     @classmethod
     def from_config(cls, model_cfg, diffusion_cfg=None) -> "PlainDenoiser":
-        """From launcher.config.ModelConfig / DiffusionConfig (the same arguments as build_denoiser)."""
-        kind = getattr(diffusion_cfg, "kind", "md4")
+        """From launcher.config.ModelConfig / DiffusionConfig (None: MD4), as launcher.parallelize builds the
+        megatron denoiser."""
+        from model.objectives import network_parts
         return cls(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
                    num_layers=model_cfg.num_layers, num_attention_heads=model_cfg.num_attention_heads,
                    ffn_hidden_size=model_cfg.ffn_hidden_size, seq_len=model_cfg.seq_len,
                    position_embedding=model_cfg.position_embedding, dropout=model_cfg.dropout,
-                   prime_l=diffusion_cfg.prime_l if kind == "prime" else 0,
-                   genmd4=(diffusion_cfg.eps, diffusion_cfg.genmd4_t1) if kind == "genmd4" else None,
+                   **network_parts(diffusion_cfg, model_cfg.vocab_size),
                    image_shape=getattr(model_cfg, "image_shape", None),
                    time_conditioning=model_cfg.time_conditioning)
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from launcher.config import ModelConfig
-from launcher.megatron_cpu import init_model_parallel, init_single_process_megatron
+from launcher.megatron_cpu import init_single_process_megatron
+from launcher.parallelize import init_model_parallel, sum_sequence_parallel_grads, tp_split_dims
+from model.objectives import network_parts
 from model.denoiser import build_denoiser, gather_logits
 from dist_utils import run_distributed, run_schedule
 
@@ -78,7 +80,7 @@ def reference(cfg: ModelConfig, batches, diffusion_cfg=None, bf16: bool = False)
     """TP=PP=1 in this process: full weights, per-token NLL of each batch, gradients of sum of mean NLLs
     (bf16: the forward under bf16 autocast)."""
     torch.manual_seed(7)
-    model = build_denoiser(cfg, diffusion_cfg=diffusion_cfg)
+    model = build_denoiser(cfg, **network_parts(diffusion_cfg, cfg.vocab_size))
     perturb_adaln(model)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -134,6 +136,8 @@ def test_fp32_params_train_under_bf16_autocast():
 def _tp2_worker(rank, world_size, weights, batches, sequence_parallel=False):
     init_model_parallel(tensor_parallel=2, pipeline_parallel=1, seed=1234)
     model = build_denoiser(tiny_config(), sequence_parallel=sequence_parallel)
+    if sequence_parallel:
+        sum_sequence_parallel_grads(model)
     load_full_weights(model, weights, tp_rank=rank)
     nlls = [model(x, y) for x, y in batches]
     sum(n.mean() for n in nlls).backward()
@@ -175,12 +179,12 @@ def _close_fp32(got, want, name):
 
 def assert_tp_grads_match(cfg, diffusion_cfg, ranks, ref_grads, close=_close_fp32) -> None:
     """TP shards concatenated along their partition dim (replicated parameters: every rank's) == TP=1."""
-    probe = build_denoiser(cfg, diffusion_cfg=diffusion_cfg)   # only for the partition attributes
-    for name, p in probe.named_parameters():
+    probe = build_denoiser(cfg, **network_parts(diffusion_cfg, cfg.vocab_size))   # only for the split dims
+    for name, dim in tp_split_dims(probe).items():
         want = ref_grads[name]
-        if getattr(p, "tensor_model_parallel", False):
-            got = torch.cat([r["grads"][name] for r in ranks], dim=p.partition_dim)
-            close(got.narrow(p.partition_dim, 0, want.shape[p.partition_dim]), want, name)
+        if dim is not None:
+            got = torch.cat([r["grads"][name] for r in ranks], dim=dim)
+            close(got.narrow(dim, 0, want.shape[dim]), want, name)
         else:
             for r in ranks:
                 close(r["grads"][name], want, name)
@@ -188,7 +192,8 @@ def assert_tp_grads_match(cfg, diffusion_cfg, ranks, ref_grads, close=_close_fp3
 
 def _tp2_sp_variant_worker(rank, world_size, weights, batches, cfg, diffusion_cfg, bf16=False):
     init_model_parallel(tensor_parallel=2, pipeline_parallel=1, seed=1234)
-    model = build_denoiser(cfg, diffusion_cfg=diffusion_cfg, sequence_parallel=True)
+    model = build_denoiser(cfg, **network_parts(diffusion_cfg, cfg.vocab_size), sequence_parallel=True)
+    sum_sequence_parallel_grads(model)
     load_full_weights(model, weights, tp_rank=rank)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         nlls = [model(b[0], b[1], t=b[2] if len(b) > 2 else None) for b in batches]
@@ -284,7 +289,7 @@ def _pp2_vpp2_worker(rank, world_size, weights, batches):
     CPU initialisation, sliced), compared with the PP=1 weights through global_parameter_name."""
     from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
 
-    from model.denoiser import ModelChunks, build_pipeline_stage, global_parameter_name, model_chunks
+    from launcher.parallelize import ModelChunks, build_pipeline_stage, global_parameter_name, model_chunks
 
     init_model_parallel(tensor_parallel=1, pipeline_parallel=2, seed=1234, virtual_pipeline=2)
     assert get_forward_backward_func() is schedules.forward_backward_pipelining_with_interleaving

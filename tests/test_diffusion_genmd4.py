@@ -7,9 +7,10 @@ import numpy as np
 import torch
 
 from model.diffusion import (GenMD4Schedule, genmd4_loss_from_logits, genmd4_reconstruction_from_logits,
-                             genmd4_training_loss, token_nll_from_logits)
-from model.diffusion.genmd4 import genmd4_draw
+                             token_nll_from_logits)
 from model.diffusion.oracle import JointOracle
+from model.objectives import GenMD4Objective, logits_model
+from oracle_mc import mc_bound
 
 N, V = 3, 4
 MASK = V
@@ -81,29 +82,45 @@ def test_genmd4_bound_with_exact_posterior_equals_entropy():
     assert abs(wrong - H) > 0.02, (wrong, H)
 
 
+def test_monte_carlo_genmd4_elbo_matches_entropy():
+    """The one ELBO loop (model.objectives.heldout_nelbo) with GenMD4's objective and the exact posterior."""
+    oracle = JointOracle.random(N, V, seed=7)
+    sched = make_schedule()
+    objective = GenMD4Objective(V, lambda: sched)
+    objective.time_conditioned = True
+    mean, se = mc_bound(oracle, objective, oracle.genmd4_denoiser(MASK, sched.w, sched.eps), draws=4, reps=32)
+    assert abs(mean - oracle.entropy()) < 4 * se + 2e-3, (mean, oracle.entropy(), se)
+
+
 def test_reinforce_loo_surrogate_gradient_is_unbiased():
+    """The training objective's surrogate (two draws at t, each with its reconstruction draw at t1)."""
     torch.manual_seed(0)
     oracle = JointOracle.random(N, V, seed=7)
     sched = make_schedule(eps=1e-4)
     den = oracle.genmd4_denoiser(MASK, torch.ones(V), sched.eps)       # any fixed denoiser
+    objective = GenMD4Objective(V, lambda: sched)
+    objective.time_conditioned = True
+    model = logits_model(den)
     x0 = torch.tensor([[0, 2, 3]])
     t = 0.4
-    # exact: d/dw sum_masks q(mask | x0, t; w) L(mask; w), all 2^N masks enumerated
+    # exact: d/dw of sum over all 2^N masks of q(mask | x0, t; w) L(mask; w), plus the reconstruction at t1
     masks = torch.tensor(list(itertools.product([False, True], repeat=N)))
     X = x0.expand(len(masks), N)
-    tt = torch.full((len(masks),), t, dtype=torch.float64)
-    logits = den(torch.where(masks, torch.full_like(X, MASK), X), tt).detach()
-    exact_obj = (torch.exp(sched.log_q(X, masks, tt)) * genmd4_loss_from_logits(logits, X, masks, tt, sched.w, sched.t1)).sum()
+    Xt = torch.where(masks, torch.full_like(X, MASK), X)
+    tt, t1 = (torch.full((len(masks),), v, dtype=torch.float64) for v in (t, sched.t1))
+    exact_obj = (torch.exp(sched.log_q(X, masks, tt))
+                 * genmd4_loss_from_logits(den(Xt, tt).detach(), X, masks, tt, sched.w, sched.t1)).sum()
+    exact_obj = exact_obj + (torch.exp(sched.log_q(X, masks, t1))
+                             * genmd4_reconstruction_from_logits(den(Xt, t1).detach(), X, masks)).sum()
     (exact,) = torch.autograd.grad(exact_obj, sched.raw)
 
     def chunk_grad(B, pathwise_only=False):
         X = x0.expand(B, N)
         u = torch.full((B,), (t - sched.t1) / (1 - sched.t1), dtype=torch.float64)
-        noises = (torch.rand(B, N, dtype=torch.float64), torch.rand(B, N, dtype=torch.float64))
-        surrogate, _ = genmd4_training_loss(den, sched, X, u, noises, MASK, V)
-        if pathwise_only:     # drop the score-function term: only d L / d w at fixed masks (biased)
-            L1, _ = genmd4_draw(den, sched, X, sched.times(u), noises[0], None, MASK, V)
-            surrogate = L1
+        if pathwise_only:     # one draw, no score-function term: only d L / d w at fixed masks (biased)
+            surrogate, _ = objective.loss(model, X, u, torch.rand(B, 2, N, dtype=torch.float64), train=False)
+        else:
+            surrogate, _ = objective.loss(model, X, u, torch.rand(B, 4, N, dtype=torch.float64))
         (g,) = torch.autograd.grad(surrogate.mean(), sched.raw)
         return g
 

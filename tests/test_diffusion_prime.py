@@ -1,7 +1,6 @@
 """Prime: digit coding, sub-embeddings, carry-over filter, the VALID sub-token ELBO (exact oracle) and the
 failure of the joint-token weighting, and the vocab-parallel (TP = 2) filter / digit marginals."""
 import itertools
-import math
 import os
 import socket
 import tempfile
@@ -13,8 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model.diffusion import (SubTokenEmbedding, carry_over_filter, digit_log_marginals, digit_nll, digits_to_tokens,
-                             make_schedule, prime_base, prime_elbo, prime_loss_from_digit_nll, token_digits)
+                             make_schedule, prime_base, prime_loss_from_digit_nll, token_digits)
 from model.diffusion.oracle import JointOracle
+from model.objectives import PrimeObjective
+from model.vocab_parallel import TensorParallelVocab
+from oracle_mc import mc_bound
 
 
 @pytest.mark.parametrize("V,l", [(50257, 2), (50257, 3), (50257, 6), (5, 2), (7, 3), (16, 2), (2, 1), (100, 4)])
@@ -101,10 +103,8 @@ def test_valid_subtoken_elbo_equals_entropy_and_joint_weighting_does_not(N, V, l
 
 def test_monte_carlo_prime_elbo_matches_entropy():
     oracle = JointOracle.random(3, 5, seed=11)
-    g = torch.Generator().manual_seed(1)
-    x0 = oracle.sample(2048, generator=g)
-    per_seq = prime_elbo(oracle.prime_denoiser(2), x0, make_schedule("linear"), 5, 2, draws=4, generator=g)
-    mean, se = float(per_seq.mean()), float(per_seq.std() / math.sqrt(len(per_seq)))
+    mean, se = mc_bound(oracle, PrimeObjective(5, make_schedule("linear"), 2), oracle.prime_denoiser(2),
+                        draws=4, reps=32)
     assert abs(mean - oracle.entropy()) < 4 * se + 2e-3, (mean, oracle.entropy(), se)
 
 
@@ -131,10 +131,10 @@ def tp_worker(rank, world, port, out_dir):
         logits, y_t, y0, b = tp_case()
         per = V_PAD // world
         local = logits[..., rank * per:(rank + 1) * per].clone().requires_grad_(True)
-        group = dist.new_group([0, 1])
-        log_p = carry_over_filter(local, y_t, b, V_TP, vocab_start=rank * per, group=group)
-        marg = digit_log_marginals(log_p, b, L_TP, vocab_start=rank * per, group=group)
-        nll = digit_nll(local, y_t, y0, b, V_TP, vocab_start=rank * per, group=group)
+        shard = TensorParallelVocab(dist.new_group([0, 1]), rank)
+        log_p = carry_over_filter(local, y_t, b, V_TP, shard)
+        marg = digit_log_marginals(log_p, b, L_TP, shard)
+        nll = digit_nll(local, y_t, y0, b, V_TP, shard)
         nll.sum().backward()
         torch.save({"log_p": log_p.detach(), "marg": marg.detach(), "nll": nll.detach(), "grad": local.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))

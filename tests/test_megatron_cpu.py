@@ -16,7 +16,8 @@ import torch
 
 import launcher.megatron_cpu as megatron_cpu
 from launcher.config import ModelConfig
-from launcher.megatron_cpu import init_model_parallel, init_single_process_megatron
+from launcher.megatron_cpu import init_single_process_megatron
+from launcher.parallelize import init_model_parallel
 from model.denoiser import build_denoiser
 from dist_utils import run_distributed, run_schedule
 
@@ -48,7 +49,11 @@ _WITHOUT_LAYER = textwrap.dedent("""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.utils import GlobalMemoryBuffer
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(mc.free_port()))
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     out["model_parallel_cuda_manual_seed"] = error(lambda: tensor_parallel.model_parallel_cuda_manual_seed(0))

@@ -5,7 +5,9 @@ import math
 import torch
 
 from dist_utils import run_distributed
-from model.diffusion.genmd4 import GenMD4Schedule, genmd4_draw, reinforce_loo
+from model import vocab_parallel
+from model.diffusion.genmd4 import (GenMD4Schedule, genmd4_loss_from_logits, genmd4_reconstruction_from_logits,
+                                   reinforce_loo)
 from model.diffusion.md4 import continuous_loss_from_nll, corrupt, token_nll_from_logits
 from model.diffusion.prime import digit_nll, prime_base, prime_loss_from_digit_nll, token_digits
 from model.diffusion.schedules import make_schedule
@@ -84,8 +86,17 @@ def test_genmd4_objective_matches_reference_draws():
     f = _logits_fn()
     train, nelbo = obj.loss(f, x0, u, noise)
     t = sched.times(u)
-    L1, q1 = genmd4_draw(f, sched, x0, t, noise[:, 0], noise[:, 2], V, V, time_conditioned=False)
-    L2, q2 = genmd4_draw(f, sched, x0, t, noise[:, 1], noise[:, 3], V, V, time_conditioned=False)
+    t1 = torch.full_like(t, sched.t1)
+
+    def draw(n_t, n_r):     # one draw by hand: its own forward at t and at t1
+        xt, m = sched.corrupt(x0, t, n_t, V)
+        xr, mr = sched.corrupt(x0, t1, n_r, V)
+        L = (genmd4_loss_from_logits(f(xt), x0, m, t, sched.w, sched.t1)
+             + genmd4_reconstruction_from_logits(f(xr), x0, mr))
+        return L, sched.log_q(x0, m, t) + sched.log_q(x0, mr, t1)
+
+    L1, q1 = draw(noise[:, 0], noise[:, 2])
+    L2, q2 = draw(noise[:, 1], noise[:, 3])
     torch.testing.assert_close(train, reinforce_loo(L1, L2, q1, q2))
     torch.testing.assert_close(nelbo, 0.5 * (L1 + L2).detach())
     # evaluation: one draw with its reconstruction term
@@ -94,7 +105,7 @@ def test_genmd4_objective_matches_reference_draws():
 
 
 def _tp_worker(rank, world, kind):
-    from launcher.megatron_cpu import init_model_parallel
+    from launcher.parallelize import init_model_parallel
     init_model_parallel(tensor_parallel=2)
     return _run_kind(kind, rank, world)
 
@@ -116,6 +127,7 @@ def _run_kind(kind, rank, world):
     else:
         obj = PrimeObjective(V, make_schedule("linear"), l=2)
         params = []
+    obj.vocab = vocab_parallel.from_parallel_state()      # LOCAL in the single-process reference
     inputs, ctx = obj.prepare(x0, u, noise)
     train, nelbo = obj.finish(local, ctx)
     train.sum().backward()

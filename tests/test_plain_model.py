@@ -9,8 +9,9 @@ import torch
 from launcher.config import DiffusionConfig, ModelConfig
 from launcher.export import partition_dim, strip_padding
 from launcher.megatron_cpu import init_single_process_megatron
+from launcher.parallelize import tp_split_dims
 from model.denoiser import build_denoiser, gather_logits
-from model.objectives import heldout_nelbo, make_objective
+from model.objectives import heldout_nelbo, make_objective, network_parts
 from model.plain import PlainDenoiser
 
 VOCAB, SEQ = 101, 16      # padded to 128 inside megatron
@@ -27,7 +28,7 @@ def pair(kind: str, position_embedding: str = "rope", time_conditioning: str = "
                        time_conditioning=time_conditioning)
     dcfg = DiffusionConfig(kind=kind, prime_l=2)
     torch.manual_seed(3)
-    meg = build_denoiser(mcfg, diffusion_cfg=dcfg).eval()
+    meg = build_denoiser(mcfg, **network_parts(dcfg, mcfg.vocab_size)).eval()
     with torch.no_grad():
         for n, p in meg.named_parameters():
             if "layernorm" in n or "ada_ln" in n or n.endswith("bias") or n == "genmd4_schedule.raw":
@@ -85,6 +86,5 @@ def test_plain_model_gives_the_same_heldout_bound(kind, tc):
 @pytest.mark.parametrize("tc", ["none", "adaln"])
 def test_split_rules_are_megatrons(tc):
     meg, *_ = pair("md4", time_conditioning=tc)
-    for name, p in meg.named_parameters():
-        want = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+    for name, want in tp_split_dims(meg).items():      # megatron's own partition attributes
         assert partition_dim(name) == want, name

@@ -15,8 +15,7 @@ REPO_CONFIG = {"model": {"num_layers": 4, "hidden_size": 64, "num_attention_head
 
 
 def _count_worker(rank, world_size, cfg):
-    from launcher.megatron_cpu import init_model_parallel
-    from model.denoiser import build_pipeline_stage
+    from launcher.parallelize import build_pipeline_stage, init_model_parallel
 
     p = cfg.parallel
     init_model_parallel(tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel, seed=1)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vocab import LOCAL, VocabShard, logsumexp, pick, real_columns, token_nll
+
 
 class GenMD4Schedule(nn.Module):
     """Holds raw (so w is saved with the model). w = softplus(raw), one entry per token value."""
@@ -69,74 +71,42 @@ class GenMD4Schedule(nn.Module):
         return per_pos.sum(dim=1)
 
 
+def genmd4_token_terms(logits: torch.Tensor, x0: torch.Tensor, w: torch.Tensor, vocab_size: int,
+                       shard: VocabShard = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-log mu_{x0^n}, sum_j w_j mu_j) per position [B, N] each, mu = softmax over the V real classes.
+    logits [B, N, V_local] hold this shard's columns (model/diffusion/vocab.py); both results are replicated."""
+    z = real_columns(logits, vocab_size, shard)
+    lse = logsumexp(z, shard)
+    nll = lse[..., 0] - pick(z, x0, shard)
+    ids = shard.ids(z)
+    w = shard.replicated(w.to(z.dtype))             # replicated; only this shard's columns meet it here
+    w_cols = torch.where(ids < vocab_size, w[ids.clamp(max=vocab_size - 1)], torch.zeros((), dtype=z.dtype))
+    mean_w = shard.sum((torch.exp(z - shard.replicated(lse)) * w_cols).sum(-1))
+    return nll, mean_w
+
+
+def genmd4_loss(nll: torch.Tensor, mean_w: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
+                w: torch.Tensor, t1: float) -> torch.Tensor:
+    """Per-sequence estimate of the integral over [t1, 1]: (1 - t1) * sum_{masked n} loss_n(t) [B], from the
+    per-position terms of `genmd4_token_terms`."""
+    wi = w.to(nll.dtype)[x0]
+    per_tok = (mean_w - wi + wi * nll) / t.to(nll.dtype)[:, None]
+    return (1.0 - t1) * (per_tok * masked.to(per_tok.dtype)).sum(dim=1)
+
+
 def genmd4_loss_from_logits(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
                             w: torch.Tensor, t1: float, vocab_size: int | None = None) -> torch.Tensor:
-    """Per-sequence estimate of the integral over [t1, 1]: (1 - t1) * sum_{masked} loss_n(t) [B]."""
-    if vocab_size is not None:
-        logits = logits[..., :vocab_size]
-    logmu = torch.log_softmax(logits.float(), dim=-1)
-    w = w.to(logmu.dtype)
-    wi = w[x0]
-    per_tok = (logmu.exp() * w).sum(-1) - wi - wi * logmu.gather(-1, x0[..., None]).squeeze(-1)
-    per_tok = per_tok / t.to(logmu.dtype)[:, None]
-    return (1.0 - t1) * (per_tok * masked.to(per_tok.dtype)).sum(dim=1)
+    """`genmd4_loss` straight from full logits [B, N, >= V]."""
+    nll, mean_w = genmd4_token_terms(logits, x0, w, vocab_size or logits.shape[-1])
+    return genmd4_loss(nll, mean_w, x0, masked, t, w, t1)
 
 
 def genmd4_reconstruction_from_logits(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor,
                                       vocab_size: int | None = None) -> torch.Tensor:
     """sum over positions masked at t1 of -log mu(x_t1, t1)[n][x0^n], per sequence [B]."""
-    from .md4 import token_nll_from_logits
-    return (token_nll_from_logits(logits, x0, vocab_size) * masked.float()).sum(dim=1)
+    return (token_nll(logits, x0, vocab_size or logits.shape[-1]) * masked.float()).sum(dim=1)
 
 
 def reinforce_loo(loss1: torch.Tensor, loss2: torch.Tensor, log_q1: torch.Tensor, log_q2: torch.Tensor) -> torch.Tensor:
     """(L1 + L2)/2 + 1/2 stopgrad(L1 - L2) (log q1 - log q2): its gradient is unbiased for d E[L] / d w."""
     return 0.5 * (loss1 + loss2) + 0.5 * (loss1 - loss2).detach() * (log_q1 - log_q2)
-
-
-def genmd4_draw(denoiser, schedule: GenMD4Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                noise_t1: torch.Tensor | None, mask_id: int, vocab_size: int, time_conditioned: bool = True):
-    """One draw: (negative ELBO estimate L [B], log q of the sampled masks [B]). noise_t1=None: no reconstruction."""
-    call = (lambda ids, tt: denoiser(ids, tt)) if time_conditioned else (lambda ids, tt: denoiser(ids))
-    xt, masked = schedule.corrupt(x0, t, noise, mask_id)
-    loss = genmd4_loss_from_logits(call(xt, t), x0, masked, t, schedule.w, schedule.t1, vocab_size)
-    log_q = schedule.log_q(x0, masked, t)
-    if noise_t1 is not None:
-        t1 = torch.full_like(t, schedule.t1)
-        xr, mr = schedule.corrupt(x0, t1, noise_t1, mask_id)
-        loss = loss + genmd4_reconstruction_from_logits(call(xr, t1), x0, mr, vocab_size)
-        log_q = log_q + schedule.log_q(x0, mr, t1)
-    return loss, log_q
-
-
-def genmd4_training_loss(denoiser, schedule: GenMD4Schedule, x0: torch.Tensor, u: torch.Tensor,
-                         noises: tuple, mask_id: int, vocab_size: int, time_conditioned: bool = True):
-    """Two draws per example -> (surrogate [B] to differentiate, negative ELBO estimate [B], detached).
-
-    u [B] in [0, 1) (antithetic over the batch) gives t = t1 + (1 - t1) u. noises = (n1, n2) or
-    (n1, n2, r1, r2), uniform [B, N]: the masks of the two draws at t (and at t1 for the reconstruction).
-    """
-    t = schedule.times(u.to(torch.float64))
-    rec = noises[2:] if len(noises) == 4 else (None, None)
-    L1, q1 = genmd4_draw(denoiser, schedule, x0, t, noises[0], rec[0], mask_id, vocab_size, time_conditioned)
-    L2, q2 = genmd4_draw(denoiser, schedule, x0, t, noises[1], rec[1], mask_id, vocab_size, time_conditioned)
-    return reinforce_loo(L1, L2, q1, q2), (0.5 * (L1 + L2)).detach()
-
-
-@torch.no_grad()
-def genmd4_elbo(denoiser, x0: torch.Tensor, schedule: GenMD4Schedule, mask_id: int, vocab_size: int, *,
-                draws: int = 1, time_conditioned: bool = True, generator: torch.Generator | None = None):
-    """Per-sequence GenMD4 negative ELBO in nats [B], averaged over K = draws (antithetic t)."""
-    from .md4 import antithetic_times
-    B, N = x0.shape
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    total = torch.zeros(B, dtype=torch.float64, device=x0.device)
-    for _ in range(draws):
-        v = torch.rand((), generator=generator, device=gen_device, dtype=torch.float64)
-        u = antithetic_times(v, torch.arange(B, device=gen_device), B).to(x0.device)
-        n, r = (torch.rand(B, N, generator=generator, device=gen_device, dtype=torch.float64).to(x0.device)
-                for _ in range(2))
-        loss, _ = genmd4_draw(denoiser, schedule, x0, schedule.times(u), n, r, mask_id, vocab_size,
-                              time_conditioned)
-        total += loss.double()
-    return total / draws

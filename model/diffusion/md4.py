@@ -11,6 +11,7 @@ import math
 import torch
 
 from .schedules import Schedule
+from .vocab import token_nll
 
 
 def antithetic_times(u: torch.Tensor | float, index: torch.Tensor, total: int) -> torch.Tensor:
@@ -67,15 +68,12 @@ def bits_per_token(nats_per_sequence: torch.Tensor | float, num_tokens: int) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Logits-based pieces, the discrete-time bound and the ELBO convenience
+# Logits-based pieces and the discrete-time bound (the ELBO loop itself: model.objectives.heldout_nelbo)
 # ---------------------------------------------------------------------------------------------
 
 def token_nll_from_logits(logits: torch.Tensor, x0: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
     """-log softmax(logits)[x0] per token, float32 [B, N]. Columns >= vocab_size (padding) are dropped."""
-    if vocab_size is not None:
-        logits = logits[..., :vocab_size]
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -logp.gather(-1, x0.long().unsqueeze(-1)).squeeze(-1)
+    return token_nll(logits, x0, vocab_size or logits.shape[-1])
 
 
 def discrete_steps(t: torch.Tensor, steps: int) -> torch.Tensor:
@@ -103,40 +101,3 @@ def discrete_loss_from_nll(token_nll: torch.Tensor, masked: torch.Tensor, i: tor
 def perplexity(nats_per_sequence: torch.Tensor | float, num_tokens: int) -> float:
     """exp(L / N): an upper bound on perplexity when L is a negative ELBO."""
     return math.exp(float(nats_per_sequence) / num_tokens)
-
-
-def _call(denoiser, ids: torch.Tensor, t: torch.Tensor, time_conditioned: bool) -> torch.Tensor:
-    return denoiser(ids, t) if time_conditioned else denoiser(ids)
-
-
-def md4_elbo(denoiser, x0: torch.Tensor, schedule: Schedule, mask_id: int, vocab_size: int, *,
-             draws: int = 1, steps: int | None = None, antithetic: bool = True,
-             time_conditioned: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sequence MD4 negative ELBO in nats [B], averaged over `draws` (K) draws of (t, mask).
-
-    denoiser(ids [B, N]) -> logits [B, N, >= V] (or denoiser(ids, t [B]) when time_conditioned).
-    steps=None: continuous time; steps=T: the discrete-time bound L_T (t = i / T).
-    One t per sequence, antithetic over the batch: t_b = (u + b / B) mod 1, one u per draw.
-    Random numbers are drawn on the generator's device (CPU by default) and moved to x0's device.
-    """
-    B, N = x0.shape
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    total = torch.zeros(B, dtype=torch.float64, device=x0.device)
-    for _ in range(draws):
-        if antithetic:
-            u = torch.rand((), generator=generator, device=gen_device, dtype=torch.float64)
-            t = antithetic_times(u, torch.arange(B, device=gen_device), B)
-        else:
-            t = torch.rand(B, generator=generator, device=gen_device, dtype=torch.float64)
-        noise = torch.rand(B, N, generator=generator, device=gen_device, dtype=torch.float64)
-        t, noise = t.to(x0.device), noise.to(x0.device)
-        if steps is not None:
-            i = discrete_steps(t, steps)
-            t = i.to(torch.float64) / steps
-        xt, masked = corrupt(x0, t, noise, schedule, mask_id)
-        nll = token_nll_from_logits(_call(denoiser, xt, t, time_conditioned), x0, vocab_size)
-        if steps is None:
-            total += continuous_loss_from_nll(nll, masked, t, schedule, vocab_size).double()
-        else:
-            total += discrete_loss_from_nll(nll, masked, i, steps, schedule, vocab_size).double()
-    return total / draws

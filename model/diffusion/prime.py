@@ -8,22 +8,21 @@ The network sees N positions (sub-embeddings concatenated) and outputs logits ov
 `carry_over_filter` turns them into p_theta(x | y_t): tokens whose digits disagree with a revealed digit
 get probability 0. The VALID bound is MD4's on sub-tokens, with the digit marginals
     P_theta(y^{n,j} = v | y_t) = sum_{x : digit_j(x) = v} p_theta(x | y_t)
-as the sub-token denoiser. Weighting the JOINT token log-prob instead is not a bound (see
-masked_diffusion.md and tests/test_diffusion_prime.py).
+as the sub-token denoiser. Weighting the JOINT token log-prob instead is not a bound
+(tests/test_diffusion_prime.py shows it undercounting the entropy of a known distribution).
 
-Vocab-parallel logits: each tensor-parallel rank may hold a contiguous slice [vocab_start,
-vocab_start + V_local) of the logit columns. The filter's log-normaliser and the digit marginals then
-need a max and a sum-exp across ranks: they take an optional process `group` (None = single process).
-Padding columns (id >= vocab_size) are excluded.
+Vocab-parallel logits: the logits may hold one slice of the columns (model/diffusion/vocab.py); the
+filter's log-normaliser and the digit marginals reduce over the `shard` they are given (LOCAL: all
+columns here). Padding columns (id >= vocab_size) are excluded.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .md4 import reconstruction_nats
 from .schedules import Schedule
+from .vocab import LOCAL, VocabShard, finite_or_zero, log_softmax
 
 
 def prime_base(vocab_size: int, l: int) -> int:
@@ -76,105 +75,50 @@ class SubTokenEmbedding(nn.Module):
         return e.flatten(-2)
 
 
-# ----- vocab-parallel reductions ------------------------------------------------------------------
-
-class _SumAcrossRanks(torch.autograd.Function):
-    """all_reduce(SUM) whose backward is the identity: what follows is computed identically on every
-    rank of the group, so d loss / d (local part) = d loss / d (global sum) (Megatron's reduce-from-region)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _UseOnEveryRank(torch.autograd.Function):
-    """Identity whose backward sums the gradient over ranks: marks a replicated tensor that feeds
-    rank-local computation (each rank then holds only its own part of the gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
-def _use_on_every_rank(x: torch.Tensor, group) -> torch.Tensor:
-    return x if group is None else _UseOnEveryRank.apply(x, group)
-
-
-def _sum_across(x: torch.Tensor, group) -> torch.Tensor:
-    return x if group is None else _SumAcrossRanks.apply(x, group)
-
-
-def _max_across(x: torch.Tensor, group) -> torch.Tensor:
-    """Max over ranks, used only as a stabiliser (no gradient needed)."""
-    x = x.detach().clone()
-    if group is not None:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
-    return x
-
-
-def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-
-
 def carry_over_filter(logits: torch.Tensor, y_t: torch.Tensor, b: int, vocab_size: int,
-                      vocab_start: int = 0, group=None) -> torch.Tensor:
+                      shard: VocabShard = LOCAL) -> torch.Tensor:
     """log p_theta(x | y_t) over this rank's columns: logits [B, N, V_local], y_t [B, N, l] -> [B, N, V_local].
 
     Tokens that disagree with any revealed digit, and padding ids >= vocab_size, get -inf; the softmax
-    normaliser is reduced over `group` (max, then sum of exp).
+    normaliser is reduced over the shards.
     """
+    shard.check_width(logits, vocab_size)
     l = y_t.shape[-1]
-    ids = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=logits.device)
+    ids = shard.ids(logits)
     digits = token_digits(ids, b, l)                                          # [V_local, l]
     ok = (ids < vocab_size).expand(*logits.shape[:-1], -1).clone()
     for j in range(l):
         yj = y_t[..., j, None]
         ok &= (yj == b) | (yj == digits[:, j])
-    z = logits.float().masked_fill(~ok, float("-inf"))
-    m = _finite_or_zero(_max_across(z.amax(dim=-1, keepdim=True), group))
-    s = _sum_across(torch.exp(z - m).sum(dim=-1, keepdim=True), group)
-    return z - m - torch.log(_use_on_every_rank(s, group))
+    return log_softmax(logits.float().masked_fill(~ok, float("-inf")), shard)
 
 
-def digit_log_marginals(log_p: torch.Tensor, b: int, l: int, vocab_start: int = 0, group=None) -> torch.Tensor:
+def digit_log_marginals(log_p: torch.Tensor, b: int, l: int, shard: VocabShard = LOCAL) -> torch.Tensor:
     """log P(y^j = v | y_t) = logsumexp_{x: digit_j(x) = v} log p(x | y_t): [B, N, V_local] -> [B, N, l, b].
 
-    Each rank reduces its own columns per digit value, then max / sum-exp are reduced over `group`.
+    Each shard reduces its own columns per digit value, then max / sum-exp are reduced over the shards.
     """
-    ids = torch.arange(vocab_start, vocab_start + log_p.shape[-1], device=log_p.device)
+    ids = shard.ids(log_p)
     digits = token_digits(ids, b, l)                                          # [V_local, l]
     out = []
     for j in range(l):
         index = digits[:, j].expand_as(log_p)
         m = torch.full((*log_p.shape[:-1], b), float("-inf"), device=log_p.device, dtype=log_p.dtype)
         m = m.scatter_reduce(-1, index, log_p.detach(), reduce="amax", include_self=True)
-        m = _finite_or_zero(_max_across(m, group))
+        m = finite_or_zero(shard.max(m))
         s = torch.zeros_like(m).scatter_add(-1, index, torch.exp(log_p - m.gather(-1, index)))
-        s = _sum_across(s, group)
+        s = shard.sum(s)
         empty = s <= 0                                   # digit values no token has: log 0 without a NaN gradient
         out.append(torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, s))))
     return torch.stack(out, dim=-2)
 
 
 def digit_nll(logits: torch.Tensor, y_t: torch.Tensor, y0: torch.Tensor, b: int, vocab_size: int,
-              vocab_start: int = 0, group=None) -> torch.Tensor:
+              shard: VocabShard = LOCAL) -> torch.Tensor:
     """-log P_theta(y^{n,j} = y0^{n,j} | y_t) for every digit: [B, N, l] (float32)."""
     l = y_t.shape[-1]
-    log_p = carry_over_filter(logits, y_t, b, vocab_size, vocab_start, group)
-    marg = digit_log_marginals(log_p, b, l, vocab_start, group)              # [B, N, l, b]
+    log_p = carry_over_filter(logits, y_t, b, vocab_size, shard)
+    marg = digit_log_marginals(log_p, b, l, shard)              # [B, N, l, b]
     return -marg.gather(-1, y0.long()[..., None]).squeeze(-1)
 
 
@@ -192,26 +136,3 @@ def prime_loss_from_digit_nll(digit_nll_: torch.Tensor, masked: torch.Tensor, t:
     masked_sum = (digit_nll_.float() * masked.float()).flatten(1).sum(dim=1)
     l = digit_nll_.shape[2]
     return w * masked_sum + prime_reconstruction_nats(num_maskable(digit_nll_[..., 0], maskable), l, b, schedule)
-
-
-def prime_elbo(denoiser, x0: torch.Tensor, schedule: Schedule, vocab_size: int, l: int, *, draws: int = 1,
-               time_conditioned: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sequence Prime negative ELBO in nats [B] (continuous time, antithetic t, K = draws).
-
-    denoiser(y [B, N, l]) -> logits [B, N, >= V] over tokens (denoiser(y, t) when time_conditioned).
-    """
-    from .md4 import antithetic_times
-    b = prime_base(vocab_size, l)
-    B, N = x0.shape
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    y0 = token_digits(x0, b, l)
-    total = torch.zeros(B, dtype=torch.float64, device=x0.device)
-    for _ in range(draws):
-        u = torch.rand((), generator=generator, device=gen_device, dtype=torch.float64)
-        t = antithetic_times(u, torch.arange(B, device=gen_device), B).to(x0.device)
-        noise = torch.rand(B, N, l, generator=generator, device=gen_device, dtype=torch.float64).to(x0.device)
-        y_t, masked = corrupt_subtokens(y0, t, noise, schedule, b)
-        logits = denoiser(y_t, t) if time_conditioned else denoiser(y_t)
-        nll = digit_nll(logits[..., :vocab_size], y_t, y0, b, vocab_size)
-        total += prime_loss_from_digit_nll(nll, masked, t, schedule, b).double()
-    return total / draws
