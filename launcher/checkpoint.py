@@ -207,6 +207,50 @@ def newest_verified(ckpt_root: Path) -> tuple[str | None, list[str]]:
     return None, skipped
 
 
+def layout_mismatch(tag_dir: Path, parallel, world_size: int) -> str | None:
+    """None when the checkpoint at tag_dir was written at this layout (parallel: launcher.config.ParallelConfig,
+    on world_size ranks); else 'TP=.., PP=.., VPP=.., ZeRO-.. on N ranks; this job runs ...'. A checkpoint
+    resumes only at its own layout (DeepSpeed's model and ZeRO shards are per model- and data-parallel rank);
+    submit.py asks before the run directory is touched, the job again before it loads."""
+    import yaml
+
+    tag_dir = Path(tag_dir)
+    saved = {}
+    if (tag_dir / "config.yaml").is_file():
+        saved = (yaml.safe_load((tag_dir / "config.yaml").read_text()) or {}).get("parallel", {}) or {}
+    p = parallel
+    ranks = len(list(tag_dir.glob("extra_rank*.pt"))) or world_size
+    then = (saved.get("tensor_parallel", p.tensor_parallel), saved.get("pipeline_parallel", p.pipeline_parallel),
+            saved.get("virtual_pipeline", 1), saved.get("zero_stage", p.zero_stage), ranks)
+    now = (p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, p.zero_stage, world_size)
+    if then == now:
+        return None
+    fmt = "TP={}, PP={}, VPP={}, ZeRO-{} on {} ranks"
+    return f"{fmt.format(*then)}; this job runs {fmt.format(*now)}"
+
+
+def export_route(tag_dir: Path) -> str:
+    """How to continue a checkpoint at another layout."""
+    return (f"A checkpoint resumes only at its own layout. To continue at another layout: python launcher/export.py "
+            f"{tag_dir} --out EXPORT, then start a new run.name with checkpoint.init_from=EXPORT (weights and EMA "
+            "carry over; the optimizer state, step counter and data position start afresh)")
+
+
+class Checkpointer:
+    """When to save and what to keep (as torchtitan's CheckpointManager): checkpoint.interval, the last step,
+    keep_last / keep_every; the resolved config and code version (`files`) are copied into each checkpoint."""
+
+    def __init__(self, root: Path, cfg_checkpoint, train_steps: int, rank: int, files: dict[str, str]):
+        self.root, self.c, self.train_steps, self.rank, self.files = Path(root), cfg_checkpoint, train_steps, rank, files
+
+    def due(self, step: int) -> bool:
+        return step % self.c.interval == 0 or step == self.train_steps
+
+    def save(self, engine, step: int, client_state: dict, rank_state: dict) -> Path:
+        return save(engine, self.root, step, client_state, rank_state, keep_last=self.c.keep_last,
+                    keep_every=self.c.keep_every, rank=self.rank, files=self.files)
+
+
 def find_resumable(ckpt_root: Path, rank: int) -> tuple[str | None, list[str]]:
     """Collective: the newest verified tag (the same answer on every rank) and the warnings about each
     newer checkpoint skipped (printed by rank 0 here; the Trainer also writes them to TensorBoard)."""

@@ -70,37 +70,51 @@ def rank_rows(num_rows: int, rank: int, world: int) -> np.ndarray:
 
 
 @torch.no_grad()
+def bound_sums(forward, objective, batches, draws: int, seed: int, device, on_batch=None) -> torch.Tensor:
+    """[sum of per-row negative ELBO in nats, sum of squares, rows] over `batches` (row tensors [B, N]), float64
+    on `device`, ready for an all_reduce: the held-out bound of training-time evaluation (Trainer.evaluate) and
+    of this CLI. on_batch(i, x0) is called before each batch (progress)."""
+    from model.objectives import heldout_nelbo
+
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i, x0 in enumerate(batches):
+        if on_batch is not None:
+            on_batch(i, x0)
+        if x0.shape[0] == 0:   # a rank with one row fewer; its tensor/pipeline peers skip it too
+            continue
+        per_row = heldout_nelbo(forward, objective, x0.to(device), draws, seed)
+        sums += torch.stack([per_row.sum(), (per_row ** 2).sum(), torch.tensor(float(x0.shape[0]), dtype=torch.float64)])
+    return sums.to(device)
+
+
+@torch.no_grad()
 def evaluate(model, cfg, data: str | Path, split: str = "val", draws: int = 1, steps: int | None = None,
              batch_size: int = 16, limit_rows: int | None = None, seed: int | None = None, rank: int = 0,
              world: int = 1, progress: bool = False, device: torch.device | str = "cpu") -> dict:
     """The held-out bound of `model` (a plain denoiser) on data/split; sums reduced over `world` ranks."""
     from data_pipeline.loader import open_rows
-    from model.objectives import bound_summary, heldout_nelbo, make_objective
+    from model.objectives import bound_summary, make_objective
 
     objective = make_objective(cfg, model, steps=steps)
     rows = open_rows(data, split)   # MDS or webdataset, as the manifest says
     n = rows.num_rows if limit_rows is None else min(limit_rows, rows.num_rows)
     mine = rank_rows(n, rank, world)
     seed = cfg.run.seed if seed is None else seed
-    sums = torch.zeros(3, dtype=torch.float64)
     batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc=f"evaluate {split}", unit="row", file=sys.stderr, dynamic_ncols=True)
-    for idx in batches:
-        x0 = rows.__getitems__(idx).to(device)
-        per_row = heldout_nelbo(model, objective, x0, draws, seed)
-        sums += torch.stack([per_row.sum(), (per_row ** 2).sum(), torch.tensor(float(len(idx)), dtype=torch.float64)])
-        if bar is not None:
-            bar.update(len(idx) * world)
+    sums = bound_sums(model, objective, (rows.__getitems__(idx) for idx in batches), draws, seed, device,
+                      on_batch=None if bar is None else (lambda i, x0: bar.update(x0.shape[0] * world)))
     if bar is not None:
         bar.close()
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(sums)
+    sums = sums.cpu()
     return bound_summary(sums, cfg.model.seq_len, draws)
 
 

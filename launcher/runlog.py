@@ -48,6 +48,39 @@ def start_wandb(run_dir: Path, cfg, extra_config: dict | None = None):
     return run
 
 
+# metrics.jsonl key -> TensorBoard (and wandb) tag; keys without a tag go to metrics.jsonl only
+SCALAR_TAGS = {
+    "train_bits_per_token": "train/bits_per_token", "lr": "train/lr", "grad_norm": "train/grad_norm",
+    "skipped_steps": "train/skipped_steps", "tokens_per_s": "perf/tokens_per_s",
+    "tflops_per_device": "perf/tflops_per_device", "peak_memory_gb": "perf/peak_memory_gb",
+    "data_wait_s": "perf/data_wait_s", "mfu": "perf/mfu", "genmd4_w_min": "genmd4/w_min",
+    "genmd4_w_max": "genmd4/w_max", "val_bits_per_token": "val/bits_per_token", "val_ppl_bound": "val/ppl_bound",
+    "checkpoint_s": "time/checkpoint_s",
+}
+
+
+class Metrics:
+    """The run's one way to report numbers: `log(step, record)` appends {"step": step, **record} to
+    <run_dir>/metrics.jsonl and writes each key with a SCALAR_TAGS tag to TensorBoard (and wandb). Rank 0 writes;
+    on other ranks (writer None, is_main False) it does nothing."""
+
+    def __init__(self, run_dir: str | Path, writer, is_main: bool):
+        self.path, self.writer, self.is_main = Path(run_dir) / "metrics.jsonl", writer, is_main
+
+    def log(self, step: int, record: dict, to_file: bool = True) -> None:
+        if not self.is_main:
+            return
+        if to_file:
+            import json
+
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key in SCALAR_TAGS:
+                    self.writer.add_scalar(SCALAR_TAGS[key], value, step)
+
+
 class RunLogger:
     """TensorBoard SummaryWriter at <run_dir>/tensorboard, plus the wandb run when the config asks for one."""
 

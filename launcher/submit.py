@@ -107,9 +107,7 @@ def check_resume(cfg, run_dir: Path, world: int | None, config_path: str) -> str
     ones it will skip (a save that did not finish, a checksum mismatch), and refuse a resume at another
     layout than that checkpoint's (the job would refuse it too, but only after config.yaml was rewritten).
     Returns the tag."""
-    import yaml
-
-    from launcher.checkpoint import newest_verified
+    from launcher.checkpoint import export_route, layout_mismatch, newest_verified
 
     root = run_dir / "checkpoints"
     tag, skipped = newest_verified(root)
@@ -123,18 +121,10 @@ def check_resume(cfg, run_dir: Path, world: int | None, config_path: str) -> str
     tag_dir = root / tag
     if world is None or not (tag_dir / "config.yaml").is_file():
         return tag
-    saved = (yaml.safe_load((tag_dir / "config.yaml").read_text()) or {}).get("parallel", {}) or {}
-    p = cfg.parallel
-    ranks = len(list(tag_dir.glob("extra_rank*.pt"))) or world
-    then = (saved.get("tensor_parallel", p.tensor_parallel), saved.get("pipeline_parallel", p.pipeline_parallel),
-            saved.get("virtual_pipeline", 1), saved.get("zero_stage", p.zero_stage), ranks)
-    now = (p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, p.zero_stage, world)
-    if then != now:
-        fmt = "TP={}, PP={}, VPP={}, ZeRO-{} on {} ranks"
+    mismatch = layout_mismatch(tag_dir, cfg.parallel, world)
+    if mismatch is not None:
         raise ConfigError(f"{config_path}: run directory {run_dir}: its newest checkpoint {tag_dir} was written at "
-                          f"{fmt.format(*then)}; this submission asks for {fmt.format(*now)}. A checkpoint resumes only "
-                          f"at its own layout: resubmit with that layout, or export it (python launcher/export.py "
-                          f"{tag_dir} --out EXPORT) and start a new run.name with checkpoint.init_from=EXPORT")
+                          f"{mismatch.replace('this job runs', 'this submission asks for')}. {export_route(tag_dir)}")
     return tag
 
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from launcher.config import Config, load_config, validate_world
 from model.diffusion import antithetic_times
 from model import vocab_parallel
-from model.objectives import bound_summary, heldout_nelbo, make_objective, row_noise  # noqa: F401  (re-export)
+from model.objectives import bound_summary, make_objective
 
 LN2 = math.log(2.0)
 
@@ -248,12 +248,16 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.writer = None
-        if info.is_main:   # TensorBoard, and wandb when logging.wandb asks for it (launcher/runlog.py)
-            from launcher.runlog import RunLogger
+        from launcher.checkpoint import Checkpointer
+        from launcher.runlog import Metrics, RunLogger
 
+        if info.is_main:   # TensorBoard, and wandb when logging.wandb asks for it (launcher/runlog.py)
             self.writer = RunLogger(self.run_dir, cfg, {"resolved": {
                 "precision": dataclasses.asdict(self.precision), "batch": dataclasses.asdict(self.batch),
                 "device": str(info.device), "world_size": info.world_size}})
+        self.metrics = Metrics(self.run_dir, self.writer, info.is_main)
+        self.checkpointer = Checkpointer(self.ckpt_root, cfg.checkpoint, cfg.optim.train_steps, info.rank,
+                                         self._provenance())
         from launcher.profiling import StepProfiler
 
         self.profiler = StepProfiler(self.run_dir, cfg.logging.profile_steps, info.rank)
@@ -342,41 +346,23 @@ class Trainer:
         sched._last_lr = [g["lr"] for g in groups]
 
     def _check_layout(self, tag_dir: Path) -> None:
-        """A checkpoint resumes only at the layout that wrote it (DeepSpeed's model and ZeRO shards are per
-        model-parallel and data-parallel rank); say how to change the layout instead of failing inside
-        DeepSpeed."""
-        import yaml
+        """Refuse a checkpoint written at another layout, saying how to change the layout instead of failing
+        inside DeepSpeed (launcher.checkpoint.layout_mismatch; submit.py asks the same before submitting)."""
+        from launcher.checkpoint import export_route, layout_mismatch
 
-        p = self.cfg.parallel
-        ranks = len(list(tag_dir.glob("extra_rank*.pt")))
-        saved = {}
-        if (tag_dir / "config.yaml").is_file():
-            saved = (yaml.safe_load((tag_dir / "config.yaml").read_text()) or {}).get("parallel", {})
-        then = (saved.get("tensor_parallel", p.tensor_parallel), saved.get("pipeline_parallel", p.pipeline_parallel),
-                saved.get("virtual_pipeline", 1), saved.get("zero_stage", p.zero_stage), ranks)
-        now = (p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, p.zero_stage, self.info.world_size)
-
-        def layout(tp, pp, vpp, zero, n):
-            return f"TP={tp}, PP={pp}, {f'VPP={vpp}, ' if vpp > 1 else ''}ZeRO-{zero} on {n} ranks"
-
-        if then != now:
-            raise RuntimeError(
-                f"{tag_dir} was written at {layout(*then)}; this job runs {layout(*now)}. A checkpoint resumes only "
-                f"at its own layout. To continue at another layout: python launcher/export.py {tag_dir} --out EXPORT, "
-                "then start a new run with checkpoint.init_from=EXPORT (weights and EMA carry over; the optimizer "
-                "state, step counter and data position start afresh)")
+        mismatch = layout_mismatch(tag_dir, self.cfg.parallel, self.info.world_size)
+        if mismatch is not None:
+            raise RuntimeError(f"{tag_dir} was written at {mismatch}. {export_route(tag_dir)}")
 
     def save(self):
         from launcher import checkpoint
 
         t0 = time.time()
-        checkpoint.save(self.engine, self.ckpt_root, self.step,
-                        client_state={"step": self.step, "tokens_seen": self.tokens_seen,
-                                      **({"ema": self.ema.state_dict()} if self.ema is not None else {})},
-                        rank_state={"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state()},
-                        keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every,
-                        rank=self.info.rank, files=self._provenance())
-        self.scalar("time/checkpoint_s", time.time() - t0)
+        self.checkpointer.save(self.engine, self.step,
+                               client_state={"step": self.step, "tokens_seen": self.tokens_seen,
+                                             **({"ema": self.ema.state_dict()} if self.ema is not None else {})},
+                               rank_state={"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state()})
+        self.metrics.log(self.step, {"checkpoint_s": time.time() - t0}, to_file=False)
         self.log(f"saved checkpoint step {self.step} in {time.time() - t0:.1f}s")
 
     def _provenance(self) -> dict[str, str]:
@@ -409,15 +395,6 @@ class Trainer:
         if self.info.is_main:
             print(f"[step {self.step}] {msg}", flush=True)
 
-    def scalar(self, name: str, value: float):
-        if self.writer is not None:
-            self.writer.add_scalar(name, value, self.step)
-
-    def metrics_line(self, record: dict):
-        if self.info.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
     # ----- one optimizer step -------------------------------------------------------------------
     def forward(self, **inputs):
         """The denoiser under the configured autocast (the objective's reductions stay fp32). Under
@@ -428,7 +405,7 @@ class Trainer:
                 return self.engine(**inputs)
         return self._pipeline_forward(inputs)
 
-    def _schedule(self, microbatches: list, forward_only: bool, loss_func_for=None) -> list:
+    def _pipeline_schedule(self, microbatches: list, forward_only: bool, loss_func_for=None) -> list:
         """megatron-core's pipeline schedule over `microbatches` = [(model kwargs, ctx)]: 1F1B over this rank's
         stage, or interleaved 1F1B over its model chunks (parallel.virtual_pipeline > 1), each chunk reading
         the micro-batches from its own iterator (only the first chunk of the first rank uses the inputs, only
@@ -467,39 +444,37 @@ class Trainer:
             per = -(-rows // pp)
             fill = per * pp - rows
             padded = {k: torch.cat([v, v[-1:].expand(fill, *v.shape[1:])]) if fill else v for k, v in inputs.items()}
-            outs = self._schedule([({k: v[i * per:(i + 1) * per] for k, v in padded.items()}, None) for i in range(pp)],
+            outs = self._pipeline_schedule([({k: v[i * per:(i + 1) * per] for k, v in padded.items()}, None) for i in range(pp)],
                                   forward_only=True)
             outs = [torch.cat(outs)[:rows]] if outs else outs
         else:
-            outs = self._schedule([(inputs, None)], forward_only=True)
+            outs = self._pipeline_schedule([(inputs, None)], forward_only=True)
         group = parallel_state.get_pipeline_model_parallel_group()
         src = parallel_state.get_pipeline_model_parallel_last_rank()
         if parallel_state.is_pipeline_last_stage():
             out = outs[0].contiguous()
-            meta = torch.tensor([out.dim(), *out.shape] + [0] * (4 - out.dim()), dtype=torch.int64)
+            meta = torch.tensor([out.dim(), *out.shape] + [0] * (4 - out.dim()), dtype=torch.int64,
+                                device=self.info.device)
         else:
-            meta = torch.zeros(5, dtype=torch.int64)
+            meta = torch.zeros(5, dtype=torch.int64, device=self.info.device)
         dist.broadcast(meta, src=src, group=group)
         if not parallel_state.is_pipeline_last_stage():
             out = torch.empty(meta[1:1 + int(meta[0])].tolist(), dtype=torch.float32, device=self.info.device)
         dist.broadcast(out, src=src, group=group)
         return out
 
-    def micro_loss(self, x0: torch.Tensor, u: torch.Tensor, noise: torch.Tensor,
-                   train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to differentiate, negative-ELBO estimate), per sequence in nats."""
-        return self.objective.loss(self.forward, x0.to(self.info.device), u, noise, train)
-
     def train_step(self, batches) -> tuple[float, float, bool]:
-        """One optimizer step. Returns (loss in nats/token averaged over data-parallel ranks, seconds
-        spent waiting for data, whether DeepSpeed applied the update: ZeRO skips a step whose gradient
-        norm is not finite, and so does not step the LR schedule either)."""
+        """One optimizer step, the same composition at every layout: the objective prepares each micro-batch,
+        the forward and backward run through DeepSpeed's engine (PP = 1) or megatron's pipeline schedule, the
+        objective finishes on the output; one host sync at the end. Returns (nelbo in nats/token averaged over
+        data-parallel ranks, seconds spent waiting for data, whether DeepSpeed applied the update: ZeRO skips a
+        step whose gradient norm is not finite, and so does not step the LR schedule either)."""
         from megatron.core import parallel_state
 
         cfg, info = self.cfg, self.info
         mb, n = self.batch.micro_batch_size, cfg.model.seq_len
         wait = 0.0
-        micro = []
+        prepared = []
         for m in range(self.gas):
             t0 = time.time()
             x0 = next(batches)
@@ -510,50 +485,54 @@ class Trainer:
                                   streams=self.objective.noise_streams(train=True))
             if noise.dim() == 2:
                 noise = noise[:, None]
-            micro.append((x0.to(info.device), u, noise))
+            prepared.append(self.objective.prepare(x0.to(info.device), u, noise, train=True))
         skipped_before = self.engine.skipped_steps
-        total = self._pipeline_micro_steps(micro) if info.pp_size > 1 else self._micro_steps(micro)
+        nelbo = (self._pipeline_step(prepared) if info.pp_size > 1 else self._engine_step(prepared)) / n
         applied = self.engine.skipped_steps == skipped_before
-        stats = torch.tensor([total / self.gas, wait], dtype=torch.float64)
+        stats = torch.stack([nelbo.detach().double() / self.gas,
+                             torch.tensor(wait, dtype=torch.float64, device=nelbo.device)])
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-        stats /= info.dp_size
+        loss, wait = (stats / info.dp_size).tolist()          # the step's one host sync
         if applied and self.ema is not None:
             self.ema.update(self.engine.module)
-        return stats[0].item(), stats[1].item(), applied
+        return loss, wait, applied
 
-    def _micro_steps(self, micro: list) -> float:
-        """Gradient accumulation through DeepSpeed's engine; returns the summed micro-batch nelbo/token."""
-        n, total = self.cfg.model.seq_len, 0.0
-        for x0, u, noise in micro:
-            train_loss, nelbo = self.micro_loss(x0, u, noise)
+    def _engine_step(self, prepared: list) -> torch.Tensor:
+        """Gradient accumulation through DeepSpeed's engine; the summed micro-batch nelbo (nats per sequence)."""
+        n, total = self.cfg.model.seq_len, torch.zeros((), dtype=torch.float64, device=self.info.device)
+        for inputs, ctx in prepared:
+            with autocast_ctx(self.precision.resolved, self.info.device):
+                out = self.engine(**inputs)
+            train_loss, nelbo = self.objective.finish(out, ctx)
             self.engine.backward(train_loss.mean() / n)      # nats per token; DeepSpeed divides by GAS
             self.engine.step()
-            total += nelbo.mean().item() / n
+            total += nelbo.detach().mean().double()
         return total
 
-    def _pipeline_micro_steps(self, micro: list) -> float:
-        """The micro-batches through megatron-core's 1F1B schedule (each stage runs its own backward),
-        then ZeRO-1's gradient reduction and step, as DeepSpeed's own pipeline engine does. The summed
-        micro-batch nelbo/token lives on the last stage and is broadcast to the others."""
+    def _pipeline_step(self, prepared: list) -> torch.Tensor:
+        """The micro-batches through megatron-core's 1F1B schedule (each stage runs its own backward), then
+        ZeRO-1's gradient reduction and step, as DeepSpeed's own pipeline engine does. The summed micro-batch
+        nelbo lives on the last stage and is broadcast to the others."""
         from megatron.core import parallel_state
 
         n = self.cfg.model.seq_len
-        prepared = [self.objective.prepare(x0, u, noise, True) for x0, u, noise in micro]
 
         def loss_func_for(ctx):
             def loss_func(out):
                 train_loss, nelbo = self.objective.finish(out, ctx)
                 # megatron divides by the number of micro-batches, as DeepSpeed's GAS scaling does
-                return train_loss.mean() / n, {"nelbo": nelbo.detach().mean() / n}
+                return train_loss.mean() / n, {"nelbo": nelbo.detach().mean()}
             return loss_func
 
-        outs = self._schedule(prepared, forward_only=False, loss_func_for=loss_func_for)
-        total = torch.tensor([sum(float(o["nelbo"]) for o in outs)], dtype=torch.float64)
+        outs = self._pipeline_schedule(prepared, forward_only=False, loss_func_for=loss_func_for)
+        total = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        for o in outs:
+            total += o["nelbo"].double()
         dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
         self.engine.optimizer.reduce_gradients(pipeline_parallel=True)
         self.engine.step()
-        return float(total)
+        return total
 
     # ----- held-out bound -----------------------------------------------------------------------
     @torch.no_grad()
@@ -563,21 +542,22 @@ class Trainer:
         cfg = self.cfg
         self.engine.eval()
         swapped = self.ema.swap_in(self.engine.module) if self.ema is not None else None
+        from launcher.evaluate import bound_sums
+
         n, k_draws = cfg.model.seq_len, cfg.logging.eval_draws
-        sums = torch.zeros(3, dtype=torch.float64)   # [sum of per-row nats, sum of squares, rows]
         loader = self._build_eval_loader()
         total = _len_or_none(loader)
-        t0, shown = time.time(), time.time()
-        for i, x0 in enumerate(loader):
-            if time.time() - shown > 10:      # a progress line for long evaluations (rank 0's share)
-                shown = time.time()
+        t0, shown = time.time(), [time.time()]
+
+        def progress(i, x0):      # a progress line for long evaluations (rank 0's share)
+            if time.time() - shown[0] > 10:
+                shown[0] = time.time()
                 self.log(f"held-out bound: {i}{f'/{total}' if total else ''} batches, "
-                         f"{fmt_duration(shown - t0)} elapsed")
-            if x0.shape[0] == 0:   # a rank with one row fewer; its tensor/pipeline peers skip it too
-                continue
-            per_row = heldout_nelbo(self.forward, self.objective, x0.to(self.info.device), k_draws, cfg.run.seed)
-            sums += torch.stack([per_row.sum(), (per_row ** 2).sum(), torch.tensor(float(x0.shape[0]))])
+                         f"{fmt_duration(shown[0] - t0)} elapsed")
+
+        sums = bound_sums(self.forward, self.objective, loader, k_draws, cfg.run.seed, self.info.device, progress)
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        sums = sums.cpu()
         if swapped is not None:
             self.ema.swap_out(self.engine.module, swapped)
         self.engine.train()
@@ -589,7 +569,7 @@ class Trainer:
         """Draw logging.num_samples samples with the `sampler` settings (EMA weights when kept) and show
         them in TensorBoard: text, or an image grid (also saved as <run_dir>/samples/step_N.png) for pixel
         data. Returns (the first text sample or the PNG path, sampler stats)."""
-        from data_pipeline.tokenizer import get_encoding
+        from launcher.sample import Codec, save_grid
         from model.denoiser import gather_logits
         from model.objectives import draw_samples
 
@@ -617,19 +597,16 @@ class Trainer:
             self.ema.swap_out(self.engine.module, swapped)
         self.engine.train()
         if self.image_shape is not None:
-            from launcher.visual import image_grid, save_png
+            from launcher.visual import image_grid
 
-            grid = image_grid(tokens.cpu(), self.image_shape)
             shown = str(self.run_dir / "samples" / f"step_{self.step:08d}.png")
             if self.info.is_main:
-                save_png(grid, shown)
-                self.writer.add_image("samples/images", grid, self.step, dataformats="HWC")
+                save_grid(tokens, self.image_shape, shown)
+                self.writer.add_image("samples/images", image_grid(tokens.cpu(), self.image_shape), self.step,
+                                      dataformats="HWC")
             return shown, stats
-        try:
-            enc = get_encoding(cfg.data.tokenizer)
-            texts = [enc.decode(row.tolist()) for row in tokens]
-        except ValueError:        # a tokenizer without a text decoder (synthetic ids): show the ids
-            texts = [" ".join(map(str, row.tolist())) for row in tokens]
+        codec = Codec(cfg.data.tokenizer)     # a tokenizer without a text decoder (synthetic ids): the ids
+        texts = [codec.decode(row.tolist()) for row in tokens]
         if self.writer is not None:
             self.writer.add_text("samples/unconditional", "\n\n---\n\n".join(texts), self.step)
         return texts[0], stats
@@ -665,7 +642,7 @@ class Trainer:
                 consecutive_skips += 1
                 self.log(f"non-finite loss or gradients: step skipped ({consecutive_skips} in a row, "
                          f"{self.engine.skipped_steps} in total)")
-                self.scalar("train/skipped_steps", self.engine.skipped_steps)
+                self.metrics.log(self.step, {"skipped_steps": self.engine.skipped_steps}, to_file=False)
                 if consecutive_skips >= cfg.optim.max_consecutive_skips:
                     self.save()
                     raise RuntimeError(
@@ -678,26 +655,16 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 tps = steps_since * tokens_per_step / dt
                 achieved = tps * self.flops_per_token / info.world_size      # per device
-                rec = {"step": self.step, "train_bits_per_token": loss / LN2, "lr": lr, "grad_norm": grad_norm,
+                rec = {"train_bits_per_token": loss / LN2, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": tps, "tokens_seen": self.tokens_seen, "data_wait_s": wait_since / steps_since,
                        "tflops_per_device": achieved / 1e12, "peak_memory_gb": peak_memory_gb(),
                        "skipped_steps": self.engine.skipped_steps}
                 if self.objective.kind == "genmd4":       # the learned schedule's spread
-                    w = self.objective._schedule().w.detach()
+                    w = self.objective.learned_schedule().w.detach()
                     rec.update(genmd4_w_min=w.min().item(), genmd4_w_max=w.max().item())
-                    self.scalar("genmd4/w_min", rec["genmd4_w_min"])
-                    self.scalar("genmd4/w_max", rec["genmd4_w_max"])
                 if self.peak_flops:
                     rec["mfu"] = achieved / self.peak_flops
-                    self.scalar("perf/mfu", rec["mfu"])
-                self.scalar("train/bits_per_token", rec["train_bits_per_token"])
-                self.scalar("train/lr", lr)
-                self.scalar("train/grad_norm", grad_norm)
-                self.scalar("perf/tokens_per_s", tps)
-                self.scalar("perf/tflops_per_device", rec["tflops_per_device"])
-                self.scalar("perf/peak_memory_gb", rec["peak_memory_gb"])
-                self.scalar("perf/data_wait_s", rec["data_wait_s"])
-                self.metrics_line(rec)
+                self.metrics.log(self.step, rec)
                 left = (cfg.optim.train_steps - self.step) * dt / max(steps_since, 1)
                 self.log(f"{self.step}/{cfg.optim.train_steps} train {rec['train_bits_per_token']:.3f} bits/token  "
                          f"lr {lr:.2e}  grad {grad_norm:.2f}  {tps:.0f} tok/s  data wait "
@@ -705,9 +672,7 @@ class Trainer:
                 t_last, steps_since, wait_since = time.time(), 0, 0.0
             if self.step % cfg.logging.eval_interval == 0 or self.step == cfg.optim.train_steps:
                 val = self.evaluate()
-                self.scalar("val/bits_per_token", val["bits_per_token"])
-                self.scalar("val/ppl_bound", val["ppl_bound"])
-                self.metrics_line({"step": self.step, **{f"val_{k}": v for k, v in val.items()}})
+                self.metrics.log(self.step, {f"val_{k}": v for k, v in val.items()})
                 self.log(f"held-out {val['bits_per_token']:.4f} bits/token, perplexity bound "
                          f"{val['ppl_bound']:.2f} ({val['rows']} rows, K={val['eval_draws']})")
             if cfg.logging.sample_interval and self.step % cfg.logging.sample_interval == 0:
@@ -721,7 +686,7 @@ class Trainer:
                     self.writer.close()   # requeue_and_exit ends the process without unwinding
                 self.preemption.requeue_and_exit(info.rank)
                 return None
-            if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.optim.train_steps:
+            if self.checkpointer.due(self.step):
                 self.save()
         self.profiler.stop()
         if val is None:

@@ -145,13 +145,13 @@ class GenMD4Objective(Objective):
 
     def __init__(self, vocab_size: int, schedule_module_fn: Callable):
         super().__init__(vocab_size)
-        self._schedule = schedule_module_fn            # () -> GenMD4Schedule (the model's, trained with it)
+        self.learned_schedule = schedule_module_fn     # () -> GenMD4Schedule (the model's, trained with it)
 
     def noise_streams(self, train: bool) -> int:
         return 4 if train else 2
 
     def prepare(self, x0, u, noise, train=True, maskable=None):
-        sched = self._schedule()
+        sched = self.learned_schedule()
         B = x0.shape[0]
         t = sched.times(u.to(torch.float64)).to(x0.device)
         t1 = torch.full_like(t, sched.t1)
@@ -168,7 +168,7 @@ class GenMD4Objective(Objective):
     def finish(self, logits, ctx):
         from model.diffusion.genmd4 import genmd4_loss, genmd4_token_terms, reinforce_loo
         x0, masks, times, draws, B, maskable = ctx
-        sched = self._schedule()
+        sched = self.learned_schedule()
         dev = logits.device
         x0 = x0.to(dev)
         # one pass over the [2 * draws * B] rows (per draw: at t, then at t1)
@@ -309,7 +309,7 @@ def draw_samples(objective: Objective, denoiser: Callable, batch_size: int, seq_
                  generator: torch.Generator | None = None):
     """denoiser(ids) -> full logits [B, N, V] (ids are digits [B, N, l] for Prime; denoiser(ids, t [B]) when the
     objective is time-conditioned). Returns (tokens [B, N],
-    {'network_calls', 'steps'}). `given` [B, N] holds fixed tokens (prefix / infill), mask_id elsewhere."""
+    {'network_calls', 'steps'}). `given` [B, N] holds fixed tokens (prefix / infill), -1 at free positions (samplers._initial)."""
     from model.diffusion import samplers
     kw = dict(steps=steps, grid=grid, top_p=top_p, temperature=temperature, use_cache=use_cache,
               generator=generator, time_conditioned=objective.time_conditioned)
@@ -317,7 +317,7 @@ def draw_samples(objective: Objective, denoiser: Callable, batch_size: int, seq_
         return samplers.sample(denoiser, batch_size, seq_len, objective.mask_id, objective.vocab_size,
                                objective.schedule, given=given, **kw)
     if objective.kind == "genmd4":
-        return samplers.sample_genmd4(denoiser, batch_size, seq_len, objective.mask_id, objective._schedule(),
+        return samplers.sample_genmd4(denoiser, batch_size, seq_len, objective.mask_id, objective.learned_schedule(),
                                       given=given, **kw)
     if objective.kind == "prime":
         return samplers.sample_prime(denoiser, batch_size, seq_len, objective.vocab_size, objective.l,

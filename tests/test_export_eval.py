@@ -273,7 +273,7 @@ def test_resuming_at_another_virtual_pipeline_size_is_refused_with_the_way_to_do
     trainer(pipeline_parallel=2, virtual_pipeline=2)._check_layout(tag)      # the same layout resumes
     with pytest.raises(RuntimeError) as e:
         trainer(pipeline_parallel=2)._check_layout(tag)
-    assert "was written at TP=1, PP=2, VPP=2, ZeRO-1 on 2 ranks; this job runs TP=1, PP=2, ZeRO-1 on 2 ranks" \
+    assert "was written at TP=1, PP=2, VPP=2, ZeRO-1 on 2 ranks; this job runs TP=1, PP=2, VPP=1, ZeRO-1 on 2 ranks" \
         in str(e.value) and "checkpoint.init_from=EXPORT" in str(e.value)
     del saved["virtual_pipeline"]                                            # written before the key existed
     (tag / "config.yaml").write_text(yaml.safe_dump({"parallel": saved}))

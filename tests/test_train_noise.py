@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from launcher.config import config_from_dict
-from launcher.train import lr_lambda, row_noise, step_noise
+from launcher.train import lr_lambda, step_noise
+from model.objectives import row_noise
 
 
 def test_step_noise_is_layout_invariant():

@@ -110,7 +110,7 @@ def measure(overrides: list[str], steps: int) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = trainer.micro_loss(x0, u, noise)
+        loss, _ = trainer.objective.loss(trainer.forward, x0, u, noise)
     saved = sum(seen.values())
     del loss
     for _ in range(steps):
