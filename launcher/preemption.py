@@ -39,7 +39,8 @@ class PreemptionHandler:
 
     def should_stop(self) -> bool:
         """Collective: True on every rank if any rank received a preemption signal."""
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)  # NCCL: on GPU
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
