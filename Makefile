@@ -26,5 +26,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 demo: env
 	bash launcher/demo.sh
 
+# TESTS selects files or node ids (default: the whole suite), PYTEST_ARGS adds pytest options
+TESTS ?= tests
 test: test-env
-	$(PY) -m pytest -q --durations=25 tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(TESTS) $(PYTEST_ARGS)
