@@ -266,7 +266,8 @@ def init_single_process_megatron(seed: int = 1234) -> None:
     """For tests and tools: a one-process gloo world with TP=PP=1, the CPU layer applied, seeded."""
     import torch.distributed as dist
 
-    from launcher.parallelize import free_port, init_model_parallel
+    from launcher.distributed import free_port
+    from launcher.parallelize import init_model_parallel
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import re
-import socket
 
 import torch
 from megatron.core import parallel_state
@@ -44,13 +43,6 @@ def init_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, se
             tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
             virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None)
     megatron_cpu.seed_model_parallel(seed)
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface (MASTER_PORT of a one-machine world)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----- tensor and sequence parallelism ----------------------------------------------------------------------

@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     from launcher.train import TrainJob
 
     if args.local is not None:
-        from launcher.parallelize import free_port
+        from launcher.distributed import free_port
 
         # the rendezvous port of the local tasks: one that is free now (submitit would derive it from the
         # job id, which can land on a port some other socket of this machine holds)

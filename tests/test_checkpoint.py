@@ -80,7 +80,7 @@ def _env(rank: int, port: int) -> dict:
 
 
 def _start(run_dir: Path, die_in_save: int | None = None) -> list[subprocess.Popen]:
-    from launcher.parallelize import free_port
+    from launcher.distributed import free_port
 
     port = free_port()
     extra = ["--die-in-save", str(die_in_save)] if die_in_save is not None else []

@@ -2,7 +2,6 @@
 failure of the joint-token weighting, and the vocab-parallel (TP = 2) filter / digit marginals."""
 import itertools
 import os
-import socket
 import tempfile
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from launcher.distributed import free_port
 from model.diffusion import (SubTokenEmbedding, carry_over_filter, digit_log_marginals, digit_nll, digits_to_tokens,
                              make_schedule, prime_base, prime_loss_from_digit_nll, token_digits)
 from model.diffusion.oracle import JointOracle
@@ -140,12 +140,6 @@ def tp_worker(rank, world, port, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_filter_and_digit_marginals_tp2_match_tp1():

@@ -64,7 +64,7 @@ def test_tp2_export_evaluates_to_the_training_time_bound(tp2_run, data_dir):  # 
 def test_distributed_evaluate_sums_rows_exactly(tp2_run, data_dir):  # noqa: F811
     single = last_json(cli(REPO / "launcher" / "evaluate.py", tp2_run["export"], "--data", data_dir,
                            "--limit-rows", "45", "--draws", "2", "--no-progress").stdout)
-    from launcher.parallelize import free_port
+    from launcher.distributed import free_port
 
     out = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                           str(REPO / "launcher" / "evaluate.py"), str(tp2_run["export"]), "--data", str(data_dir),

@@ -32,17 +32,37 @@ def run(tmp_path, data_dir, name, procs, *overrides):
     return curves(tmp_path / "runs" / name)
 
 
+# one single-process reference per diffusion kind, shared by the layout tests of that kind: 4 layers (2 per
+# pipeline stage, 1 per virtual chunk) and 2 micro-batches per step, so that every layout below splits it
+GAS = ["model.num_layers=4", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
+SAMPLE = ["logging.sample_at_end=true", "logging.num_samples=3", "sampler.steps=4"]   # 3 rows: not a multiple of PP
+PRIME = ["diffusion.kind=prime", "diffusion.prime_l=2", "model.num_layers=2", "optim.micro_batch_size=4",
+         "optim.global_batch_size=8", "model.time_conditioning=adaln"]
+
+
+@pytest.fixture(scope="module")
+def md4_reference(tmp_path_factory, data_dir):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("md4_ref")
+    return {"tmp": tmp, "curves": run(tmp, data_dir, "single_gas", 1, *GAS, *SAMPLE)}
+
+
+@pytest.fixture(scope="module")
+def prime_reference(tmp_path_factory, data_dir):  # noqa: F811
+    return run(tmp_path_factory.mktemp("prime_ref"), data_dir, "prime_single_gas", 1, *PRIME)
+
+
 @pytest.mark.slow
-def test_md4_layouts_match_single_process(tmp_path, data_dir):
-    ref = run(tmp_path, data_dir, "single", 1)
-    assert_same(run(tmp_path, data_dir, "tp2", 2, "parallel.tensor_parallel=2"), ref)
-    assert_same(run(tmp_path, data_dir, "tp2_sp", 2, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"), ref)
-    assert_same(run(tmp_path, data_dir, "dp2_zero1", 2, "parallel.zero_stage=1"), ref)
-    assert_same(run(tmp_path, data_dir, "dp2_zero2", 2, "parallel.zero_stage=2"), ref)
+def test_md4_layouts_match_single_process(tmp_path, data_dir, md4_reference):  # noqa: F811
+    ref = md4_reference["curves"]
+    assert_same(run(tmp_path, data_dir, "tp2", 2, *GAS, "parallel.tensor_parallel=2"), ref)
+    assert_same(run(tmp_path, data_dir, "tp2_sp", 2, *GAS, "parallel.tensor_parallel=2",
+                    "parallel.sequence_parallel=true"), ref)
+    assert_same(run(tmp_path, data_dir, "dp2_zero1", 2, *GAS, "parallel.zero_stage=1"), ref)
+    assert_same(run(tmp_path, data_dir, "dp2_zero2", 2, *GAS, "parallel.zero_stage=2"), ref)
 
     # ZeRO-3, stopped after 2 steps and resumed from its partitioned checkpoint: the same curve; its export
     # (DeepSpeed's zero_to_fp32 reassembling the partitions) evaluates to the training-time bound
-    z3 = ["run.name=dp2_zero3", "parallel.zero_stage=3", "checkpoint.interval=2"]
+    z3 = ["run.name=dp2_zero3", "parallel.zero_stage=3", "checkpoint.interval=2", *GAS]
     submit(tmp_path, data_dir, *STEPS, *z3, "optim.train_steps=2", procs=2)
     assert sorted(curves(tmp_path / "runs" / "dp2_zero3")[0]) == [1, 2]
     submit(tmp_path, data_dir, *STEPS, *z3, procs=2)
@@ -57,10 +77,9 @@ def test_md4_layouts_match_single_process(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_prime_tp2_matches_single_process(tmp_path, data_dir):
-    kind = ["diffusion.kind=prime", "diffusion.prime_l=2"]
-    assert_same(run(tmp_path, data_dir, "prime_tp2", 2, *kind, "parallel.tensor_parallel=2"),
-                run(tmp_path, data_dir, "prime_single", 1, *kind))
+def test_prime_tp2_matches_single_process(tmp_path, data_dir, prime_reference):  # noqa: F811
+    """Prime's sub-token embedding and digit logits split over TP (the vocab-parallel reductions), adaLN-zero."""
+    assert_same(run(tmp_path, data_dir, "prime_tp2", 2, *PRIME, "parallel.tensor_parallel=2"), prime_reference)
 
 
 @pytest.mark.slow
@@ -74,32 +93,27 @@ def test_genmd4_trains_its_schedule_data_parallel(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_md4_pipeline_layouts_match_single_process(tmp_path, data_dir):
+def test_md4_pipeline_layouts_match_single_process(tmp_path, data_dir, md4_reference):  # noqa: F811
     """PP=2 (megatron-core's 1F1B schedule under DeepSpeed ZeRO-1, two micro-batches per step), PP=2 x VPP=2
     (interleaved 1F1B over two model chunks per rank: layers 0 and 2 on rank 0, 1 and 3 on rank 1; its held-out
     bound and samples run forward-only through the same schedule) and TP=2 x PP=2 with sequence parallelism
     (stages exchange [s / TP, b, h]) against one process with the same weights (CPU initialisation is
     layout-independent). TP=2 x PP=2 without SP: test_export_eval."""
-    gas = ["model.num_layers=4", "optim.micro_batch_size=4", "optim.global_batch_size=8"]
-    sample = ["logging.sample_at_end=true", "logging.num_samples=3", "sampler.steps=4"]   # 3 rows: not a multiple of PP
-    ref = run(tmp_path, data_dir, "single_gas", 1, *gas, *sample)
-    assert_same(run(tmp_path, data_dir, "pp2", 2, *gas, "parallel.pipeline_parallel=2"), ref)
-    assert_same(run(tmp_path, data_dir, "pp2_vpp2", 2, *gas, *sample, "parallel.pipeline_parallel=2",
+    ref = md4_reference["curves"]
+    assert_same(run(tmp_path, data_dir, "pp2", 2, *GAS, "parallel.pipeline_parallel=2"), ref)
+    assert_same(run(tmp_path, data_dir, "pp2_vpp2", 2, *GAS, *SAMPLE, "parallel.pipeline_parallel=2",
                     "parallel.virtual_pipeline=2"), ref)
-    drawn = [json.loads((tmp_path / "runs" / name / "result.json").read_text())["sample"]
-             for name in ("single_gas", "pp2_vpp2")]
+    drawn = [json.loads((root / "runs" / name / "result.json").read_text())["sample"]
+             for root, name in ((md4_reference["tmp"], "single_gas"), (tmp_path, "pp2_vpp2"))]
     assert drawn[0] == drawn[1] and drawn[0]       # the same logits, so the same draws
-    assert_same(run(tmp_path, data_dir, "tp2_pp2_sp", 4, *gas, "parallel.pipeline_parallel=2",
+    assert_same(run(tmp_path, data_dir, "tp2_pp2_sp", 4, *GAS, "parallel.pipeline_parallel=2",
                     "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"), ref)
 
 
 @pytest.mark.slow
-def test_prime_pipeline_matches_single_process(tmp_path, data_dir):
+def test_prime_pipeline_matches_single_process(tmp_path, data_dir, prime_reference):  # noqa: F811
     """Prime with adaLN-zero time conditioning: every stage gets t and its layers' modulation maps."""
-    kind = ["diffusion.kind=prime", "diffusion.prime_l=2", "model.num_layers=2", "optim.micro_batch_size=4",
-            "optim.global_batch_size=8", "model.time_conditioning=adaln"]
-    assert_same(run(tmp_path, data_dir, "prime_pp2", 2, *kind, "parallel.pipeline_parallel=2"),
-                run(tmp_path, data_dir, "prime_single_gas", 1, *kind))
+    assert_same(run(tmp_path, data_dir, "prime_pp2", 2, *PRIME, "parallel.pipeline_parallel=2"), prime_reference)
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def measure(overrides: list[str], steps: int) -> dict:
 
     from bench_step import synthetic_data
     from launcher.config import load_config, save_config
-    from launcher.parallelize import free_port
+    from launcher.distributed import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))

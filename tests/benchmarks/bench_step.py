@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from launcher.config import load_config, save_config  # noqa: E402
-from launcher.parallelize import free_port  # noqa: E402
+from launcher.distributed import free_port  # noqa: E402
 
 
 def synthetic_data(cfg, rows: int, out: Path) -> Path:
