@@ -207,8 +207,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire=10: a requeued job waits for the old credential to expire (default 120 s).
-AuthInfo=socket=${MUNGE_SOCKET},cred_expire=10
+# cred_expire=5: a requeued job waits cred_expire + 1 s for the old credential to expire (default 120 s;
+# slurm refuses values under 5).
+AuthInfo=socket=${MUNGE_SOCKET},cred_expire=5
 StateSaveLocation=${SPOOL_DIR}/ctld
 SlurmdSpoolDir=${SPOOL_DIR}/d
 SlurmctldPidFile=${PID_DIR}/slurmctld.daemon.pid

@@ -236,6 +236,25 @@ def export_route(tag_dir: Path) -> str:
             "carry over; the optimizer state, step counter and data position start afresh)")
 
 
+def check_layout(tag_dir: Path, parallel, world_size: int) -> None:
+    """Refuse a checkpoint written at another layout, saying how to change the layout instead of failing inside
+    DeepSpeed."""
+    mismatch = layout_mismatch(tag_dir, parallel, world_size)
+    if mismatch is not None:
+        raise RuntimeError(f"{tag_dir} was written at {mismatch}. {export_route(tag_dir)}")
+
+
+# {pipeline rank: {parameter name: megatron's TP split dimension or None}} (launcher.parallelize.split_dims_by_stage),
+# written into every checkpoint; export consolidates tensor-parallel shards along these dimensions
+SPLIT_FILE = "tp_split.json"
+
+
+def provenance(run_dir: Path) -> dict[str, str]:
+    """The resolved config and the code version of a run directory, copied into every checkpoint."""
+    return {name: (Path(run_dir) / name).read_text() for name in ("config.yaml", "code_version.txt")
+            if (Path(run_dir) / name).is_file()}
+
+
 class Checkpointer:
     """When to save and what to keep (as torchtitan's CheckpointManager): checkpoint.interval, the last step,
     keep_last / keep_every; the resolved config and code version (`files`) are copied into each checkpoint."""
@@ -250,10 +269,21 @@ class Checkpointer:
         return save(engine, self.root, step, client_state, rank_state, keep_last=self.c.keep_last,
                     keep_every=self.c.keep_every, rank=self.rank, files=self.files)
 
+    def restore(self, engine, parallel, world_size: int) -> tuple[str | None, dict, dict, list[str]]:
+        """Collective: load the newest verified checkpoint into `engine` after checking it was written at this
+        layout. Returns (tag or None, client state, this rank's extra state, warnings about newer checkpoints
+        skipped)."""
+        tag, skipped = find_resumable(self.root, self.rank)
+        if tag is None:
+            return None, {}, {}, skipped
+        check_layout(self.root / tag, parallel, world_size)
+        client, extra = load(engine, self.root, tag, self.rank)
+        return tag, client, extra, skipped
+
 
 def find_resumable(ckpt_root: Path, rank: int) -> tuple[str | None, list[str]]:
     """Collective: the newest verified tag (the same answer on every rank) and the warnings about each
-    newer checkpoint skipped (printed by rank 0 here; the Trainer also writes them to TensorBoard)."""
+    newer checkpoint skipped (printed by rank 0 here; launcher/train.py also writes them to TensorBoard)."""
     box: list = [None, []]
     if rank == 0:
         choice, skipped = newest_verified(Path(ckpt_root))

@@ -7,7 +7,7 @@ the perplexity bound, tokens, K and the standard error, as one final JSON line o
     python launcher/evaluate.py exports/md4_tiny --data DIR --steps 1000         # MD4's discrete-time bound, T=1000
     torchrun --nproc-per-node 4 launcher/evaluate.py exports/md4_tiny --data DIR  # rows split over ranks
 
-The number is the training-time evaluation's (Trainer.evaluate): model.objectives.heldout_nelbo with K
+The number is the training-time evaluation's (launcher/train.py's evaluate, through heldout_bound): model.objectives.heldout_nelbo with K
 antithetic draws of t per row ((u + k/K) mod 1) and noise keyed by each row's content and the seed (the
 run's seed by default), so it does not depend on batch size or on the number of ranks; per-row sums are
 added exactly across ranks (all_reduce of [sum, sum of squares, rows] in float64). The model is the
@@ -72,8 +72,7 @@ def rank_rows(num_rows: int, rank: int, world: int) -> np.ndarray:
 @torch.no_grad()
 def bound_sums(forward, objective, batches, draws: int, seed: int, device, on_batch=None) -> torch.Tensor:
     """[sum of per-row negative ELBO in nats, sum of squares, rows] over `batches` (row tensors [B, N]), float64
-    on `device`, ready for an all_reduce: the held-out bound of training-time evaluation (Trainer.evaluate) and
-    of this CLI. on_batch(i, x0) is called before each batch (progress)."""
+    on `device`, ready for an all_reduce. on_batch(i, x0) is called before each batch (progress)."""
     from model.objectives import heldout_nelbo
 
     sums = torch.zeros(3, dtype=torch.float64)
@@ -88,12 +87,26 @@ def bound_sums(forward, objective, batches, draws: int, seed: int, device, on_ba
 
 
 @torch.no_grad()
+def heldout_bound(forward, objective, batches, draws: int, seed: int, seq_len: int, device, on_batch=None,
+                  all_reduce=None) -> dict:
+    """The held-out bound (bits/token, perplexity bound, standard error) of `forward` over `batches`, the same
+    for training-time evaluation (launcher/train.py) and this CLI: all_reduce(sums) sums each rank's share
+    (the data-parallel group in training, the CLI's world here)."""
+    from model.objectives import bound_summary
+
+    sums = bound_sums(forward, objective, batches, draws, seed, device, on_batch)
+    if all_reduce is not None:
+        all_reduce(sums)
+    return bound_summary(sums.cpu(), seq_len, draws)
+
+
+@torch.no_grad()
 def evaluate(model, cfg, data: str | Path, split: str = "val", draws: int = 1, steps: int | None = None,
              batch_size: int = 16, limit_rows: int | None = None, seed: int | None = None, rank: int = 0,
              world: int = 1, progress: bool = False, device: torch.device | str = "cpu") -> dict:
     """The held-out bound of `model` (a plain denoiser) on data/split; sums reduced over `world` ranks."""
     from data_pipeline.loader import open_rows
-    from model.objectives import bound_summary, make_objective
+    from model.objectives import make_objective
 
     objective = make_objective(cfg, model, steps=steps)
     rows = open_rows(data, split)   # MDS or webdataset, as the manifest says
@@ -106,16 +119,14 @@ def evaluate(model, cfg, data: str | Path, split: str = "val", draws: int = 1, s
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc=f"evaluate {split}", unit="row", file=sys.stderr, dynamic_ncols=True)
-    sums = bound_sums(model, objective, (rows.__getitems__(idx) for idx in batches), draws, seed, device,
-                      on_batch=None if bar is None else (lambda i, x0: bar.update(x0.shape[0] * world)))
+    import torch.distributed as dist
+
+    out = heldout_bound(model, objective, (rows.__getitems__(idx) for idx in batches), draws, seed, cfg.model.seq_len,
+                        device, on_batch=None if bar is None else (lambda i, x0: bar.update(x0.shape[0] * world)),
+                        all_reduce=dist.all_reduce if world > 1 else None)
     if bar is not None:
         bar.close()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(sums)
-    sums = sums.cpu()
-    return bound_summary(sums, cfg.model.seq_len, draws)
+    return out
 
 
 def main(argv=None) -> int:

@@ -8,17 +8,16 @@
 
 What a checkpoint holds (DeepSpeed 0.19.8, ZeRO 1/2, as launcher/checkpoint.py writes it): per model-parallel
 rank one `mp_rank_XX_model_states.pt` (written by data-parallel rank 0) whose `module` is that rank's
-full-precision shard of the megatron model, with the Trainer's client state (`step`, `tokens_seen`, and
+full-precision shard of the megatron model, with the training job's client state (`step`, `tokens_seen`, and
 `ema`: {"decay", "shadow": {name: fp32 shard}} when optim.ema_decay > 0) merged in at the top level.
 The ZeRO optimizer files are not needed. Files load with torch.load(weights_only=True).
 
 Consolidation (megatron-core local spec, num_query_groups = num_attention_heads):
-  column-parallel (concatenate along dim 0): embedding.word_embeddings (vocab-parallel), linear_qkv
-      (heads are contiguous per rank, each head's rows [q; k; v]), linear_fc1, output_layer (vocab-parallel);
-      their biases too.
-  row-parallel (dim 1): linear_proj.weight, linear_fc2.weight; their biases are replicated.
-  replicated: layer norms, learned positions, Prime's sub-token table, GenMD4's `genmd4_schedule.raw`,
-  adaLN's `ada_ln` / `final_ada_ln`.
+  tensor shards are joined along the dimension megatron splits each parameter on, as training recorded it
+      from megatron's own `partition_dim` attributes in the checkpoint's tp_split.json
+      (launcher.parallelize.split_dims_by_stage): column-parallel layers (word embeddings and output layer,
+      vocab-parallel; linear_qkv, each rank's heads contiguous, each head's rows [q; k; v]; linear_fc1; their
+      biases) along dim 0, row-parallel ones (linear_proj, linear_fc2) along dim 1; the rest is replicated.
   pipeline stages: stage p's decoder.layers.i is global layer p * L / PP + i; with interleaved stages
       (parallel.virtual_pipeline = VPP > 1) the module holds model chunks and chunk c's
       chunks.c.decoder.layers.i is global layer (c * PP + p) * L / (PP * VPP) + i (megatron's own offsets:
@@ -55,23 +54,11 @@ EXPORT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-_COLUMN = re.compile(r"(embedding\.word_embeddings\.weight|linear_qkv\.(weight|bias)|linear_fc1\.(weight|bias)"
-                     r"|output_layer\.weight)$")
-_ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
 _SHARD = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?_model_states\.pt$")
 
 
 class ExportError(RuntimeError):
     """A checkpoint or export that cannot be read; the message names the file."""
-
-
-def partition_dim(name: str) -> int | None:
-    """Tensor-parallel split dimension of a megatron parameter by name (None: replicated)."""
-    if _COLUMN.search(name):
-        return 0
-    if _ROW.search(name):
-        return 1
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,10 +184,32 @@ def _read_zero3(tag_dir: Path, tp_rank: int) -> dict:
             "client": {k: head.get(k) for k in ("step", "tokens_seen", "global_steps", "ds_version")}}
 
 
+def read_split_dims(tag_dir: Path, tp: int, pp: int) -> dict[int, dict[str, int | None]]:
+    """{pipeline rank: {parameter name: megatron's TP split dimension, None when replicated}}, as training
+    recorded it from megatron's own attributes (launcher.checkpoint.SPLIT_FILE); {} at TP = 1 (nothing to join)."""
+    from launcher.checkpoint import SPLIT_FILE
+
+    if tp == 1:
+        return {}
+    path = Path(tag_dir) / SPLIT_FILE
+    try:
+        doc = json.loads(path.read_text())
+        split = {int(p): {str(k): (None if v is None else int(v)) for k, v in dims.items()} for p, dims in doc.items()}
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing; a TP={tp} checkpoint records megatron's split dimensions there (it was "
+                          "written by an older version of launcher/train.py: resume it once to write a new checkpoint)") from None
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ExportError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if sorted(split) != list(range(pp)):
+        raise ExportError(f"{path}: holds pipeline ranks {sorted(split)}, the run config says PP={pp}")
+    return split
+
+
 def consolidate(parts: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int, pp: int,
-                num_layers: int, vpp: int = 1) -> dict[str, torch.Tensor]:
+                num_layers: int, vpp: int = 1, split: dict[int, dict[str, int | None]] | None = None
+                ) -> dict[str, torch.Tensor]:
     """Per-(tp, pp) megatron state dicts (model chunks `chunks.<c>.` under vpp > 1) -> one TP = PP = 1 state
-    dict (still vocabulary-padded)."""
+    dict (still vocabulary-padded). split: read_split_dims' table, needed when tp > 1."""
     from launcher.parallelize import global_parameter_name
 
     full: dict[str, torch.Tensor] = {}
@@ -211,8 +220,10 @@ def consolidate(parts: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int, 
                 raise ExportError(f"tensor-parallel ranks 0 and {t} of stage {p} hold different parameters")
         for name in names:
             pieces = [parts[(t, p)][name] for t in range(tp)]
-            dim = partition_dim(name)
-            tensor = pieces[0] if dim is None or tp == 1 else torch.cat(pieces, dim=dim)
+            if tp > 1 and name not in split[p]:
+                raise ExportError(f"{name} (pipeline stage {p}) has no recorded tensor-parallel split dimension")
+            dim = split[p][name] if tp > 1 else None
+            tensor = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
             try:
                 gname = global_parameter_name(name, num_layers=num_layers, pipeline_parallel=pp, pp_rank=p,
                                               virtual_pipeline=vpp)
@@ -257,7 +268,8 @@ def checkpoint_weights(path: str | Path, weights: str | None = None, cfg=None):
             parts[key] = {k: s["ema"][k] for k in s["module"]}
         else:
             parts[key] = s["module"]
-    tensors = strip_padding(consolidate(parts, tp, pp, cfg.model.num_layers, vpp), cfg.model.vocab_size)
+    tensors = strip_padding(consolidate(parts, tp, pp, cfg.model.num_layers, vpp, read_split_dims(tag_dir, tp, pp)),
+                            cfg.model.vocab_size)
     client = shards[(0, 0)]["client"]
     version = (tag_dir.parent.parent / "code_version.txt")
     meta = {"weights": weights, "step": client.get("step"), "tokens_seen": client.get("tokens_seen"),

@@ -4,11 +4,13 @@ this rank builds and how its gradients and optimizer state are shared.
 - process groups: `init_model_parallel` sets up megatron's parallel_state (TP x PP x VPP; DP is the rest of
   the world) over the world torch.distributed started (gloo on CPU, NCCL on GPUs);
 - tensor parallelism: megatron's column/row-parallel layers split themselves; `tp_split_dims` reads each
-  parameter's split dimension from megatron's own `tensor_model_parallel` / `partition_dim` attributes;
+  parameter's split dimension from megatron's own `tensor_model_parallel` / `partition_dim` attributes
+  (`split_dims_by_stage` records them in every checkpoint for export);
 - sequence parallelism: `sum_sequence_parallel_grads` hooks the TP gradient sums of replicated parameters;
 - pipeline parallelism: `build_pipeline_stage` builds this rank's stage, or its `ModelChunks` under
   interleaved PP, from the same initial weights at every layout; `global_parameter_name` maps a rank's
-  parameter names to the whole model's (export and init_from read it);
+  parameter names to the whole model's (export and init_from read it); `pipeline_schedule` runs megatron's
+  (interleaved) 1F1B schedule over a step's micro-batches, `pipeline_forward` a forward-only pass;
 - data parallelism and ZeRO: `deepspeed_config` for DeepSpeed's engine.
 
 The network itself (model/denoiser.py) and the masked-diffusion math (model/diffusion/) know none of this.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -51,6 +54,18 @@ def tp_split_dims(model: torch.nn.Module) -> dict[str, int | None]:
     """{parameter name: the dimension megatron splits it along over TP, None when replicated}."""
     return {name: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
             for name, p in model.named_parameters()}
+
+
+def split_dims_by_stage(model: torch.nn.Module) -> dict[str, dict[str, int | None]]:
+    """Collective: {pipeline rank: tp_split_dims of its stage (or ModelChunks)} over the whole world, gathered
+    once at setup and written into every checkpoint (tp_split.json), so that export consolidates the shards
+    along megatron's own split dimensions without building a model."""
+    import torch.distributed as dist
+
+    mine = (parallel_state.get_pipeline_model_parallel_rank(), tp_split_dims(model))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {str(p): dims for p, dims in sorted(dict(every).items())}
 
 
 def sum_sequence_parallel_grads(model: torch.nn.Module) -> int:
@@ -157,6 +172,67 @@ def stage_state_dict(full: dict, stage_keys, num_layers: int) -> dict:
         if src not in full:
             raise KeyError(f"{src} (stage parameter {key}) is not in the full state dict")
         out[key] = full[src]
+    return out
+
+
+# ----- running the pipeline --------------------------------------------------------------------------------
+
+def pipeline_schedule(chunks: list, microbatches: list, forward_only: bool, autocast: Callable,
+                      loss_func_for: Callable | None = None) -> list:
+    """megatron-core's pipeline schedule over `microbatches` = [(model kwargs, ctx)]: 1F1B over this rank's
+    stage, or interleaved 1F1B over its model chunks (virtual pipeline), each chunk reading the micro-batches
+    from its own iterator (only the first chunk of the first rank uses the inputs, only the last chunk of the
+    last rank the loss: loss_func_for(ctx) -> megatron's loss_func). autocast() is the forward's precision
+    context. Returns the last stage's outputs or loss records (nothing elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    dtype = chunks[0].config.pipeline_dtype
+
+    def forward_step(data_iterator, model):
+        inputs, ctx = next(data_iterator)
+        with autocast():
+            out = model(**inputs)
+        if not model.post_process:   # what travels to the next stage or chunk has the schedule's dtype
+            out = out.to(dtype)
+        return out, (loss_func_for(ctx) if loss_func_for is not None else None)
+
+    b, s = next(iter(microbatches[0][0].values())).shape[:2]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, model=chunks,
+        data_iterator=iter(microbatches) if len(chunks) == 1 else [iter(microbatches) for _ in chunks],
+        num_microbatches=len(microbatches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
+
+
+def pipeline_forward(chunks: list, inputs: dict, autocast: Callable, device: torch.device) -> Tensor:
+    """Forward-only through the pipeline; the last stage's output, broadcast to every pipeline rank (so that
+    evaluation and sampling run the same code on every rank). Under interleaved PP megatron's schedule takes a
+    multiple of PP micro-batches: the rows are split into PP equal micro-batches (the last row repeated to fill
+    them; the copies are dropped again), which gives the same rows as one micro-batch, every row's forward being
+    independent of the others."""
+    import torch.distributed as dist
+
+    if len(chunks) > 1:
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        rows = next(iter(inputs.values())).shape[0]
+        per = -(-rows // pp)
+        fill = per * pp - rows
+        padded = {k: torch.cat([v, v[-1:].expand(fill, *v.shape[1:])]) if fill else v for k, v in inputs.items()}
+        outs = pipeline_schedule(chunks, [({k: v[i * per:(i + 1) * per] for k, v in padded.items()}, None)
+                                          for i in range(pp)], True, autocast)
+        outs = [torch.cat(outs)[:rows]] if outs else outs
+    else:
+        outs = pipeline_schedule(chunks, [(inputs, None)], True, autocast)
+    group = parallel_state.get_pipeline_model_parallel_group()
+    src = parallel_state.get_pipeline_model_parallel_last_rank()
+    if parallel_state.is_pipeline_last_stage():
+        out = outs[0].contiguous()
+        meta = torch.tensor([out.dim(), *out.shape] + [0] * (4 - out.dim()), dtype=torch.int64, device=device)
+    else:
+        meta = torch.zeros(5, dtype=torch.int64, device=device)
+    dist.broadcast(meta, src=src, group=group)
+    if not parallel_state.is_pipeline_last_stage():
+        out = torch.empty(meta[1:1 + int(meta[0])].tolist(), dtype=torch.float32, device=device)
+    dist.broadcast(out, src=src, group=group)
     return out
 
 

@@ -1,6 +1,6 @@
 """Rank 0's logging sinks: TensorBoard always, Weights & Biases when `logging.wandb.mode` is online or offline.
 
-The Trainer writes through one `RunLogger`, which has SummaryWriter's methods (add_scalar, add_text,
+The training job writes through one `RunLogger`, which has SummaryWriter's methods (add_scalar, add_text,
 add_image, flush, close; anything else is SummaryWriter's own): every scalar goes to both sinks, text and
 images to TensorBoard only. wandb gets one row per training step, holding the scalars TensorBoard got at
 that step and `step` itself, the x axis of every metric (define_metric), so a resumed run that repeats the
@@ -79,6 +79,32 @@ class Metrics:
             for key, value in record.items():
                 if key in SCALAR_TAGS:
                     self.writer.add_scalar(SCALAR_TAGS[key], value, step)
+
+
+    def truncate(self, step: int) -> int:
+        """Keep only the records up to `step` in metrics.jsonl (on resume: the steps a crashed job ran past its
+        last checkpoint are run again and must not appear twice). Returns the number of records dropped."""
+        if not self.is_main or not self.path.is_file():
+            return 0
+        import json
+        import os
+
+        keep, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:        # a line torn by the crash
+                dropped += 1
+                continue
+            if int(rec.get("step", 0)) <= step:
+                keep.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+        return dropped
 
 
 class RunLogger:

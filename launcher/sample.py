@@ -133,6 +133,30 @@ def save_grid(tokens: torch.Tensor, shape: list[int], path: str | Path) -> Path:
     return save_png(image_grid(tokens.cpu(), shape), path)
 
 
+def sampler_settings(sc) -> dict:
+    """The `sampler` config section as draw_samples' keyword arguments."""
+    return dict(steps=sc.steps, grid=sc.grid, top_p=sc.top_p, temperature=sc.temperature, use_cache=sc.use_cache)
+
+
+def show_samples(tokens: torch.Tensor, tokenizer: str, image_shape, step: int, run_dir: str | Path, writer,
+                 is_main: bool) -> str:
+    """Training-time samples into the run: an image grid (<run_dir>/samples/step_N.png and TensorBoard) for
+    pixel data, else the decoded texts in TensorBoard. Returns the PNG path or the first text."""
+    if image_shape is not None:
+        from launcher.visual import image_grid
+
+        shown = str(Path(run_dir) / "samples" / f"step_{step:08d}.png")
+        if is_main:
+            save_grid(tokens, image_shape, shown)
+            writer.add_image("samples/images", image_grid(tokens.cpu(), image_shape), step, dataformats="HWC")
+        return shown
+    codec = Codec(tokenizer)     # a tokenizer without a text decoder (synthetic ids): the ids
+    texts = [codec.decode(row.tolist()) for row in tokens]
+    if writer is not None:
+        writer.add_text("samples/unconditional", "\n\n---\n\n".join(texts), step)
+    return texts[0]
+
+
 @torch.no_grad()
 def generate(model, cfg, num: int, length: int, *, steps: int, grid: str, top_p, temperature: float,
              use_cache: bool = True, given: torch.Tensor | None = None, stride: int | None = None,

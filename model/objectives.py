@@ -15,20 +15,21 @@ The math lives in model/diffusion/. Vocab-parallel logits (Prime's carry-over fi
 GenMD4's sum_j w_j mu_j) reduce over the objective's `vocab` shard: model/diffusion/vocab.py's LOCAL (all
 columns here) by default; the engine passes model.vocab_parallel.from_parallel_state() under TP > 1.
 
-Noise layout: S = objective.noise_streams(train) streams of [N] uniforms per row:
+Noise (model/diffusion/noise.py: step_noise in training, row_noise for the held-out bound) comes as
+S = objective.noise_streams(train) streams of [N] uniforms per row:
     md4:    1 (the token masks)
     prime:  l (one per sub-token position: noise[:, j, n] masks digit j of token n)
     genmd4: train 4 (masks of two draws at t, and two at t1 for the reconstruction), eval 2.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Callable
 
 import torch
 
 from model.diffusion.md4 import (continuous_loss_from_nll, corrupt, discrete_loss_from_nll, discrete_steps)
+from model.diffusion.noise import row_noise
 from model.diffusion.schedules import Schedule, make_schedule
 from model.diffusion.vocab import LOCAL, VocabShard
 
@@ -255,22 +256,10 @@ def _find_genmd4(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# Held-out bound: noise keyed by each row's content, so it does not depend on batch order, batch
-# size or parallel layout. Training-time evaluation and launcher/evaluate.py both use it.
+# Held-out bound: noise keyed by each row's content (model/diffusion/noise.row_noise), so it does not
+# depend on batch order, batch size or parallel layout. Training-time evaluation and launcher/evaluate.py
+# both use it.
 # ---------------------------------------------------------------------------------------------
-
-def row_noise(rows: torch.Tensor, draw: int, num_draws: int, seed: int, streams: int = 1):
-    """u [B] (the K draws of a row use antithetic (u + k/K) mod 1) and noise [B, streams, N]."""
-    us, noises = [], []
-    for row in rows:
-        digest = hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=8, key=seed.to_bytes(8, "little")).digest()
-        base = int.from_bytes(digest, "little") & ((1 << 62) - 1)
-        u = torch.rand((), generator=torch.Generator().manual_seed(base), dtype=torch.float64)
-        us.append(torch.remainder(u + draw / num_draws, 1.0))
-        g = torch.Generator().manual_seed(base + 1 + draw)
-        noises.append(torch.rand(streams, row.numel(), generator=g, dtype=torch.float64))
-    return torch.stack(us), torch.stack(noises)
-
 
 @torch.no_grad()
 def heldout_nelbo(forward: Callable, objective: Objective, x0: torch.Tensor, draws: int, seed: int,

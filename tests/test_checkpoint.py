@@ -1,7 +1,7 @@
 """Checkpoints survive what happens to real jobs: a rank killed (SIGKILL) in the middle of writing a
 checkpoint, a corrupted shard, pruning; and the SLURM dry run (no cluster needed).
 
-The training scenarios run the real Trainer (megatron-core denoiser, DeepSpeed ZeRO-1, gloo) in 2 rank
+The training scenarios run the real training job (megatron-core denoiser, DeepSpeed ZeRO-1, gloo) in 2 rank
 processes started by this file (`python tests/test_checkpoint.py RUN_DIR [--die-in-save STEP]`, with
 RANK/WORLD_SIZE/MASTER_* in the environment, as torchrun would set them):
 

@@ -152,16 +152,28 @@ def test_sample_cli_prints_text_and_network_calls(tp2_run):
     assert all(len(t) == 48 for t in rec["tokens"])
 
 
+def megatron_split_dim(name: str) -> int | None:
+    """The dimension megatron-core splits a parameter on over TP (None: replicated), written out for the synthetic
+    checkpoint below; test_plain_model checks it against megatron's own `partition_dim` attributes."""
+    import re
+
+    if re.search(r"(embedding\.word_embeddings\.weight|linear_qkv\.(weight|bias)|linear_fc1\.(weight|bias)"
+                 r"|output_layer\.weight)$", name):
+        return 0
+    return 1 if re.search(r"(linear_proj|linear_fc2)\.weight$", name) else None
+
+
 @pytest.mark.parametrize("VPP", [1, 2])
 def test_pipeline_stages_and_tensor_shards_consolidate(tmp_path, VPP):
     """Synthetic TP=2 x PP=2 (x VPP=2: model chunks `chunks.<c>.`, chunk c of stage p holding layer c * PP + p)
     model-states files (stage-local layer numbers, padded vocab shards, megatron's file naming mp_rank_TT_PPP)
-    consolidate to the unsharded, unpadded weights."""
+    consolidate to the unsharded, unpadded weights, joined along the split dimensions the checkpoint records."""
     import hashlib
     import re
 
+    from launcher.checkpoint import SPLIT_FILE
     from launcher.config import Config, ModelConfig, save_config
-    from launcher.export import checkpoint_weights, partition_dim
+    from launcher.export import checkpoint_weights
     from model.plain import PlainDenoiser
 
     V, L, TP, PP, PAD = 50, 4, 2, 2, 64
@@ -174,6 +186,7 @@ def test_pipeline_stages_and_tensor_shards_consolidate(tmp_path, VPP):
     save_config(cfg, tmp_path / "run" / "config.yaml")
     cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline = TP, PP, VPP
     per_chunk = L // (PP * VPP)
+    split = {}
     for p in range(PP):
         for t in range(TP):
             module = {}
@@ -195,11 +208,13 @@ def test_pipeline_stages_and_tensor_shards_consolidate(tmp_path, VPP):
                     local = f"chunks.{chunk}.{local}"
                 if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                     w = torch.cat([w, torch.randn(PAD - w.shape[0], w.shape[1])])   # padding rows
-                d = partition_dim(name)
+                d = megatron_split_dim(name)
                 module[local] = w.chunk(TP, dim=d)[t].clone() if d is not None else w.clone()
+                split.setdefault(str(p), {})[local] = d
             torch.save({"module": module, "step": 1, "tokens_seen": 8,
                         "checkpoint_parallel_dimensions": {"tp_degree": TP, "pp_degree": PP}},
                        tag / f"mp_rank_{t:02d}_{p:03d}_model_states.pt")
+    (tag / SPLIT_FILE).write_text(json.dumps(split))
     files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in tag.iterdir()}
     (tag / "COMPLETE.json").write_text(json.dumps({"step": 1, "files": files}))
     _, tensors, meta = checkpoint_weights(tag, cfg=cfg)
@@ -207,6 +222,13 @@ def test_pipeline_stages_and_tensor_shards_consolidate(tmp_path, VPP):
     assert meta["source"]["virtual_pipeline"] == VPP
     for k in full:
         torch.testing.assert_close(tensors[k], full[k], rtol=0, atol=0, msg=k)
+    (tag / SPLIT_FILE).unlink()                 # a checkpoint without the recorded split dimensions is refused
+    del files[SPLIT_FILE]
+    (tag / "COMPLETE.json").write_text(json.dumps({"step": 1, "files": files}))
+    from launcher.export import ExportError
+
+    with pytest.raises(ExportError, match=f"{SPLIT_FILE}: missing"):
+        checkpoint_weights(tag, cfg=cfg)
 
 
 PIPELINE_LAYOUTS = {
@@ -252,9 +274,8 @@ def test_resuming_at_another_virtual_pipeline_size_is_refused_with_the_way_to_do
     """The virtual pipeline size is part of a checkpoint's layout (its parameter names hold the chunk index)."""
     import yaml
 
+    from launcher.checkpoint import check_layout
     from launcher.config import config_from_dict
-    from launcher.distributed import DistInfo
-    from launcher.train import Trainer
 
     tag = tmp_path / "checkpoints" / "step_00000002"
     tag.mkdir(parents=True)
@@ -262,24 +283,20 @@ def test_resuming_at_another_virtual_pipeline_size_is_refused_with_the_way_to_do
         (tag / f"extra_rank{r}.pt").write_bytes(b"")
     saved = {"tensor_parallel": 1, "pipeline_parallel": 2, "virtual_pipeline": 2, "zero_stage": 1}
     (tag / "config.yaml").write_text(yaml.safe_dump({"parallel": saved}))
-    info = DistInfo(rank=0, world_size=2, local_rank=0, tp_rank=0, pp_rank=0, dp_rank=0, tp_size=1, pp_size=2,
-                    dp_size=1, device=torch.device("cpu"))
 
-    def trainer(**parallel):
-        t = Trainer(config_from_dict({"parallel": parallel, "model": {"num_layers": 4}}), tmp_path)
-        t.info = info
-        return t
+    def check(**parallel):   # what the job asks before it loads a checkpoint, on 2 ranks
+        check_layout(tag, config_from_dict({"parallel": parallel, "model": {"num_layers": 4}}).parallel, 2)
 
-    trainer(pipeline_parallel=2, virtual_pipeline=2)._check_layout(tag)      # the same layout resumes
+    check(pipeline_parallel=2, virtual_pipeline=2)      # the same layout resumes
     with pytest.raises(RuntimeError) as e:
-        trainer(pipeline_parallel=2)._check_layout(tag)
+        check(pipeline_parallel=2)
     assert "was written at TP=1, PP=2, VPP=2, ZeRO-1 on 2 ranks; this job runs TP=1, PP=2, VPP=1, ZeRO-1 on 2 ranks" \
         in str(e.value) and "checkpoint.init_from=EXPORT" in str(e.value)
     del saved["virtual_pipeline"]                                            # written before the key existed
     (tag / "config.yaml").write_text(yaml.safe_dump({"parallel": saved}))
-    trainer(pipeline_parallel=2)._check_layout(tag)
+    check(pipeline_parallel=2)
     with pytest.raises(RuntimeError, match="this job runs TP=1, PP=2, VPP=2, ZeRO-1 on 2 ranks"):
-        trainer(pipeline_parallel=2, virtual_pipeline=2)._check_layout(tag)
+        check(pipeline_parallel=2, virtual_pipeline=2)
 
 
 def test_resuming_at_another_layout_is_refused_with_the_way_to_do_it(tp2_run, tmp_path, data_dir):  # noqa: F811

@@ -1,7 +1,7 @@
 """Non-finite loss or gradients: the step is skipped (weights and LR schedule untouched) and counted;
 after K consecutive ones the run saves a checkpoint and stops with a message naming the step.
 
-The real Trainer (megatron-core denoiser + DeepSpeed ZeRO-1) runs in a fresh 1-process gloo world; a
+The real training job (launcher/train.py's setup and train: megatron-core denoiser + DeepSpeed ZeRO-1) runs in a fresh 1-process gloo world; a
 forward hook poisons the denoiser's output with NaN from a chosen step on."""
 import subprocess
 import sys
@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent("""
     import json, os, socket, sys, torch
     from pathlib import Path
     from launcher.config import config_from_dict, save_config
-    from launcher.train import Trainer
+    import launcher.train as T
     from data_pipeline.prepare import prepare
     from data_pipeline.sources import sotu_documents
 
@@ -35,24 +35,23 @@ SCRIPT = textwrap.dedent("""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.yaml")
-    tr = Trainer(cfg, run_dir)
-    tr.setup()
+    tr = T.setup(cfg, run_dir)
     POISON_FROM = 3
     tr.engine.module.register_forward_hook(
         lambda mod, inp, out: out * float("nan") if tr.step + 1 >= POISON_FROM else out)
     snap = {}
-    orig = tr.train_step
-    def spy(batches):
-        before = {k: p.detach().clone() for k, p in tr.engine.module.named_parameters()}
-        lr_before = tr.scheduler.get_last_lr()[0]
-        res = orig(batches)
-        changed = any(not torch.equal(before[k], p) for k, p in tr.engine.module.named_parameters())
-        snap[tr.step + 1] = {"applied": res[2], "changed": changed,
-                             "lr_same": tr.scheduler.get_last_lr()[0] == lr_before}
+    orig = T.train_step
+    def spy(job, batches):
+        before = {k: p.detach().clone() for k, p in job.engine.module.named_parameters()}
+        lr_before = job.scheduler.get_last_lr()[0]
+        res = orig(job, batches)
+        changed = any(not torch.equal(before[k], p) for k, p in job.engine.module.named_parameters())
+        snap[job.step + 1] = {"applied": res.applied, "changed": changed,
+                              "lr_same": job.scheduler.get_last_lr()[0] == lr_before}
         return res
-    tr.train_step = spy
+    T.train_step = spy        # what train() calls each step
     try:
-        tr.run()
+        T.train(tr)
         msg = None
     except RuntimeError as e:
         msg = str(e)

@@ -11,8 +11,8 @@ from model.diffusion.genmd4 import (GenMD4Schedule, genmd4_loss_from_logits, gen
 from model.diffusion.md4 import continuous_loss_from_nll, corrupt, token_nll_from_logits
 from model.diffusion.prime import digit_nll, prime_base, prime_loss_from_digit_nll, token_digits
 from model.diffusion.schedules import make_schedule
-from model.objectives import (GenMD4Objective, MD4Objective, PrimeObjective, bound_summary, heldout_nelbo,
-                              row_noise)
+from model.diffusion.noise import row_noise
+from model.objectives import GenMD4Objective, MD4Objective, PrimeObjective, bound_summary, heldout_nelbo
 
 B, N, V = 3, 5, 11          # V odd: TP=2 pads one output column
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launcher.config import DiffusionConfig, ModelConfig
-from launcher.export import partition_dim, strip_padding
+from launcher.export import strip_padding
 from launcher.megatron_cpu import init_single_process_megatron
 from launcher.parallelize import tp_split_dims
 from model.denoiser import build_denoiser, gather_logits
@@ -86,5 +86,7 @@ def test_plain_model_gives_the_same_heldout_bound(kind, tc):
 @pytest.mark.parametrize("tc", ["none", "adaln"])
 def test_split_rules_are_megatrons(tc):
     meg, *_ = pair("md4", time_conditioning=tc)
+    from test_export_eval import megatron_split_dim
+
     for name, want in tp_split_dims(meg).items():      # megatron's own partition attributes
-        assert partition_dim(name) == want, name
+        assert megatron_split_dim(name) == want, name

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from launcher.config import config_from_dict
-from launcher.train import lr_lambda, step_noise
-from model.objectives import row_noise
+from launcher.train import lr_lambda
+from model.diffusion.noise import row_noise, step_noise
 
 
 def test_step_noise_is_layout_invariant():

@@ -3,7 +3,7 @@
     .venv/bin/python tests/benchmarks/bench_memory.py                      # the built-in small configs
     .venv/bin/python tests/benchmarks/bench_memory.py --case vocab --steps 3
 
-Each case runs launcher/train.py's Trainer in one process (world size 1, fp32 on CPU, whatever the CPU) in a
+Each case runs launcher/train.py's setup and train_step in one process (world size 1, fp32 on CPU, whatever the CPU) in a
 fresh subprocess and measures:
   - activations: the bytes autograd saves for backward during one micro-batch's forward and loss, counted
     with torch.autograd.graph.saved_tensors_hooks (each storage once, parameters excluded), at t close to 1
@@ -63,7 +63,7 @@ def peak_rss_bytes() -> int:
 
 
 def measure(overrides: list[str], steps: int) -> dict:
-    """In this process: the Trainer at world size 1 on random rows."""
+    """In this process: the training job at world size 1 on random rows."""
     import torch
 
     from bench_step import synthetic_data
@@ -76,7 +76,8 @@ def measure(overrides: list[str], steps: int) -> dict:
     cfg = load_config(REPO / "configs" / "md4_tiny.yaml", [*overrides, f"run.output_dir={tmp}", "run.name=mem"])
     cfg.data.path = str(synthetic_data(cfg, (steps + 2) * cfg.optim.global_batch_size + 8, tmp / "data"))
     save_config(cfg, tmp / "config.yaml")
-    from launcher.train import Trainer, step_noise
+    from launcher.train import setup, train_step
+    from model.diffusion.noise import step_noise
 
     import deepspeed  # noqa: F401  (the libraries' own memory is not the plan's: import them first)
     import megatron.core.pipeline_parallel  # noqa: F401
@@ -86,9 +87,8 @@ def measure(overrides: list[str], steps: int) -> dict:
     import data_pipeline.loader  # noqa: F401
     import model.denoiser  # noqa: F401
 
-    trainer = Trainer(cfg, tmp)
     base = rss_bytes()
-    trainer.setup()
+    trainer = setup(cfg, tmp)
     after_setup = rss_bytes()
     batches = iter(trainer.train_loader)
 
@@ -97,8 +97,6 @@ def measure(overrides: list[str], steps: int) -> dict:
     n = cfg.model.seq_len
     _, noise = step_noise(cfg.run.seed, 0, list(range(x0.shape[0])), cfg.optim.global_batch_size, n,
                           streams=trainer.objective.noise_streams(train=True))
-    if noise.dim() == 2:
-        noise = noise[:, None]
     u = torch.full((x0.shape[0],), 1.0 - 1e-7, dtype=torch.float64)
     params = {p.untyped_storage().data_ptr() for p in trainer.engine.module.parameters()}
     seen: dict[int, int] = {}
@@ -114,7 +112,7 @@ def measure(overrides: list[str], steps: int) -> dict:
     saved = sum(seen.values())
     del loss
     for _ in range(steps):
-        trainer.train_step(batches)
+        train_step(trainer, batches)
         trainer.step += 1
     after_steps = rss_bytes()
     return {"rss_base": base, "rss_after_setup": after_setup, "rss_after_steps": after_steps,

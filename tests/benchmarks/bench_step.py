@@ -81,10 +81,10 @@ def main() -> None:
             time.sleep(0.2)
         time.sleep(0.5)
 
-    from launcher.train import Trainer, autocast_ctx, build_optimizer, peak_memory_gb, step_noise
+    from launcher.train import autocast_ctx, build_optimizer, peak_memory_gb, setup, train_step
+    from model.diffusion.noise import step_noise
 
-    trainer = Trainer(cfg, tmp)
-    trainer.setup()
+    trainer = setup(cfg, tmp)
     info = trainer.info
     n, gb, mb = cfg.model.seq_len, cfg.optim.global_batch_size, trainer.batch.micro_batch_size
     batches = iter(trainer.train_loader)
@@ -108,7 +108,7 @@ def main() -> None:
     def full_step(micro):
         sync()
         t0 = time.perf_counter()
-        loss, _, _ = trainer.train_step(iter(micro))
+        loss = train_step(trainer, iter(micro)).loss
         sync()
         trainer.step += 1
         return time.perf_counter() - t0, loss
@@ -121,8 +121,6 @@ def main() -> None:
             x0 = x0.to(info.device)
             u, noise = step_noise(cfg.run.seed, step, list(range(m * mb, (m + 1) * mb)), gb, n,
                                   cfg.diffusion.antithetic, streams=plain_obj.noise_streams(train=True))
-            if noise.dim() == 2:
-                noise = noise[:, None]
 
             def forward(**inputs):
                 with autocast_ctx(cfg, info.device):
@@ -140,7 +138,7 @@ def main() -> None:
 
     full_t, plain_t, first = [], [], {}
     for i in range(args.warmup + args.steps):
-        micro = [next(batches) for _ in range(trainer.gas)]
+        micro = [next(batches) for _ in range(trainer.batch.grad_accum)]
         step = trainer.step
         tf, lf = full_step(micro)
         if i >= args.warmup:
@@ -163,7 +161,7 @@ def main() -> None:
     out = {"config": args.config, "overrides": args.overrides, "device": str(info.device),
            "layout": {"world": world, "tp": info.tp_size, "pp": info.pp_size, "dp": info.dp_size,
                       "zero": cfg.parallel.zero_stage, "precision": cfg.parallel.precision,
-                      "micro_batch": mb, "global_batch": gb, "grad_accumulation": trainer.gas},
+                      "micro_batch": mb, "global_batch": gb, "grad_accumulation": trainer.batch.grad_accum},
            "steps_timed": len(full_t), "full_step_s": med, "tokens_per_s": tokens / med,
            "tokens_per_s_per_device": tokens / med / world, "peak_memory_gib": peak_mem,
            "mfu": (tokens / med / world * fpt / peak) if peak else None, **first}
