@@ -26,7 +26,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 demo: env
 	bash launcher/demo.sh
 
-# TESTS selects files or node ids (default: the whole suite), PYTEST_ARGS adds pytest options
+# TESTS selects files or node ids (default: the whole suite), PYTEST_ARGS adds pytest options; WORKERS
+# pytest-xdist workers (the suite's jobs leave about 40% of 2 cores idle: start-up, SLURM's scheduling, waits
+# for killed ranks), each file on one worker and the SLURM tests together (tests/conftest.py); WORKERS=0: one process
 TESTS ?= tests
+WORKERS ?= 2
 test: test-env
-	$(PY) -m pytest -q --durations=25 $(TESTS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup) $(TESTS) $(PYTEST_ARGS)

