@@ -8,16 +8,30 @@ os.environ["MDIFF_NATIVE_BF16"] = "0"
 # verified shard digests (data_pipeline.manifest.ShardDigests) go to a folder of this session, not ~/.cache
 import tempfile  # noqa: E402
 
+import pytest  # noqa: E402
+
 os.environ.setdefault("MDIFF_VERIFY_CACHE_DIR", tempfile.mkdtemp(prefix="mdiff-verify-"))
 
 
+# the files that take longest (`make test` prints the slowest tests), started first so that no long file is
+# left for the end while the other worker idles; the SLURM group (about 15 minutes) before all of them
+_LONG_FIRST = ("slurm", "tests/test_train_layouts.py", "tests/test_known_entropy.py", "tests/test_export_eval.py",
+               "tests/test_faults_cli.py", "tests/test_checkpoint.py", "tests/test_train_e2e.py",
+               "tests/test_out_of_the_box.py")
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook, which reads the xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs 2 workers, --dist loadgroup): a file's tests run on one worker, in
     order (its module fixtures, e.g. the single-process references of test_train_layouts.py, are built once),
     and every test that uses the loopback SLURM cluster runs on the same worker, one job at a time (the
-    cluster's one node has 2 CPUs and a job takes both)."""
-    import pytest
+    cluster's one node has 2 CPUs and a job takes both). The groups are handed out in `_LONG_FIRST` order,
+    then as collected."""
+    def group(item):
+        return "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
 
     for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    if getattr(config.option, "loadgroup", False):   # set on the workers, which collect
+        rank = {g: i for i, g in enumerate(_LONG_FIRST)}
+        items.sort(key=lambda item: rank.get(group(item), len(rank)))   # stable: collection order otherwise
