@@ -28,8 +28,9 @@ demo: env
 
 # TESTS selects files or node ids (default: the whole suite), PYTEST_ARGS adds pytest options; WORKERS
 # pytest-xdist workers (the suite's jobs leave about 40% of 2 cores idle: start-up, SLURM's scheduling, waits
-# for killed ranks), each file on one worker and the SLURM tests together (tests/conftest.py); WORKERS=0: one process
+# for killed ranks), each file on one worker and the SLURM tests together, the longest first (tests/conftest.py;
+# xdist's own order, by number of tests, is turned off); WORKERS=0: one process
 TESTS ?= tests
 WORKERS ?= 2
 test: test-env
-	$(PY) -m pytest -q --durations=25 $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup) $(TESTS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup --no-loadscope-reorder) $(TESTS) $(PYTEST_ARGS)

@@ -5,6 +5,12 @@ import os
 
 os.environ["MDIFF_NATIVE_BF16"] = "0"
 
+# under pytest-xdist every worker runs its own jobs at the same time: a worker's share of the cores, for the
+# worker itself (set before torch is imported) and for the ranks its tests start (launcher/train.py reads it)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 # verified shard digests (data_pipeline.manifest.ShardDigests) go to a folder of this session, not ~/.cache
 import tempfile  # noqa: E402
 
