@@ -201,8 +201,9 @@ def setup(cfg: Config, run_dir: Path) -> Job:
         # OMP_NUM_THREADS says how many (as torchrun's users set it; the test suite does under pytest-xdist)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         threads = os.environ.get("OMP_NUM_THREADS", "")
-        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
-                              else max(1, (os.cpu_count() or 1) // max(local, 1)))
+        if not threads.isdigit() or int(threads) < 1:
+            threads = max(1, (os.cpu_count() or 1) // max(local, 1))
+        torch.set_num_threads(int(threads))
     # the global batch is the contract; the micro-batch the largest divisor of this rank's share that is
     # <= optim.micro_batch_size (launcher.config.resolve_batch)
     batch = validate_world(cfg, info.world_size, str(run_dir / "config.yaml"))

@@ -20,7 +20,8 @@ os.environ.setdefault("MDIFF_VERIFY_CACHE_DIR", tempfile.mkdtemp(prefix="mdiff-v
 
 
 # the files that take longest (`make test` prints the slowest tests), started first so that no long file is
-# left for the end while the other worker idles; the SLURM group (about 15 minutes) before all of them
+# left for the end while the other worker idles; the SLURM group (636 s on 2026-12-07, much of it waiting on
+# SLURM) first, test_train_layouts.py (762 s) on the other worker
 _LONG_FIRST = ("slurm", "tests/test_train_layouts.py", "tests/test_known_entropy.py", "tests/test_export_eval.py",
                "tests/test_faults_cli.py", "tests/test_checkpoint.py", "tests/test_train_e2e.py",
                "tests/test_out_of_the_box.py")
